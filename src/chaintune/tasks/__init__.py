@@ -1,0 +1,67 @@
+"""Task registry: every task yields `Example` records split into train / (validation) / test (SPEC.md §2).
+
+>>> from chaintune.tasks import load_task
+>>> test = load_task("toxigenqa", "test", limit=200)
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from chaintune.errors import ChaintuneError, DataError
+from chaintune.tasks import builtin as _builtin  # noqa: F401  (registers the built-in tasks)
+from chaintune.tasks.base import (SPLITS, Example, Splits, TaskSpec, canonical_task_name, default_data_dir, get_task,
+                                  register_task, resolve_data_dir, task_names)
+from chaintune.tasks.splits import subsample
+from chaintune.tasks.user import UserTaskSpec, register_user_task
+
+__all__ = ["Example", "Splits", "TaskSpec", "SPLITS", "UserTaskSpec", "canonical_task_name", "default_data_dir",
+           "get_task", "load_splits", "load_task", "register_task", "register_user_task", "resolve_data_dir",
+           "task_names"]
+
+
+def _online() -> bool:
+    return not (os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1")
+
+
+@functools.lru_cache(maxsize=32)
+def _load_splits_cached(name: str, data_dir: Path | None, seed: int) -> Splits:
+    spec = get_task(name)
+    if data_dir is not None or not spec.needs_data_dir:
+        return spec.load(data_dir or Path("."), seed)
+    if spec.hf_load is None or not _online():
+        raise DataError(f"task '{name}' needs a data directory and none was found",
+                        "pass --data-dir, set CHAINTUNE_DATA_DIR, or place the data in ../shared/data")
+    try:
+        return spec.hf_load(seed)
+    except Exception as exc:  # network errors surface from many libraries
+        raise DataError(f"task '{name}': no data directory and the Hugging Face dataset could not be loaded "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                        "pass --data-dir or set CHAINTUNE_DATA_DIR") from None
+
+
+def load_splits(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0) -> Splits:
+    """All splits of a task that are available (split name → examples); `seed` fixes the train/test split."""
+    spec = get_task(name)
+    return _load_splits_cached(spec.name, resolve_data_dir(data_dir) if spec.needs_data_dir else None, seed)
+
+
+def load_task(name: str, split: str = "test", data_dir: str | os.PathLike | None = None, limit: int | None = None,
+              seed: int = 0, split_seed: int = 0) -> list[Example]:
+    """Examples of one split; `limit` subsamples deterministically (seeded by `seed`, stratified by group)."""
+    if split not in SPLITS:
+        raise ChaintuneError(f"unknown split '{split}'", f"use one of {', '.join(SPLITS)}")
+    splits = load_splits(name, data_dir, split_seed)
+    if split not in splits:
+        have = ", ".join(sorted(splits)) or "none"
+        alternatives = [t for t in task_names() if get_task(t).kind == get_task(name).kind and t != get_task(name).name]
+        raise DataError(f"task '{name}' has no '{split}' split here (available: {have})",
+                        f"use a task that has one (e.g. {', '.join(alternatives)}) or provide the file "
+                        "(see ../shared/data/README.md)" if split == "train" else "use another split")
+    examples = splits[split]
+    if not examples:
+        raise DataError(f"task '{name}': the '{split}' split is empty", "check the data files")
+    if limit is not None and limit < 1:
+        raise ChaintuneError(f"limit must be a positive number, got {limit}", "pass --limit 1 or more")
+    return subsample(examples, limit, seed, group=lambda e: e.group, salt=f"{get_task(name).name}/{split}")

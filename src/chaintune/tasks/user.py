@@ -1,0 +1,132 @@
+"""User multiple-choice datasets (JSONL or CSV) with a column mapping, registered like any built-in task."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from chaintune.errors import ConfigError, DataError
+from chaintune.tasks.base import Example, Splits, register_task
+from chaintune.tasks.readers import read_csv, read_jsonl
+from chaintune.tasks.splits import drop_duplicates, stratified_split
+
+
+class UserTaskSpec(BaseModel):
+    """Where a user dataset lives and which columns hold what."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: Path
+    kind: Literal["safety", "capability", "other"] = "other"
+    prompt_template: str = "Question: {question}\nAnswer:"
+    question: str = "question"
+    choices: str | list[str] = "choices"
+    answer: str = "answer"
+    group: str | None = None
+    id: str | None = None
+    split: str | None = None  # column whose values are train/validation/test; else a seeded 80/20 split
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_question(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError("prompt_template must contain {question}")
+        return v
+
+
+def _cell(row: dict[str, Any], column: str, where: str) -> Any:
+    if column not in row or row[column] is None:
+        raise DataError(f"{where}: missing column '{column}'", "add it or map another column in the task spec")
+    return row[column]
+
+
+def _choices(row: dict[str, Any], spec: UserTaskSpec, where: str) -> list[str]:
+    if isinstance(spec.choices, list):
+        raw = [_cell(row, c, where) for c in spec.choices]
+    else:
+        raw = _cell(row, spec.choices, where)
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError:
+                raw = raw.split("|")
+    if not isinstance(raw, list) or len(raw) < 2 or not all(isinstance(c, (str, int, float)) for c in raw):
+        raise DataError(f"{where}: choices must be a list of at least 2 strings",
+                        "store them as a JSON list, 'a|b|c', or map several columns")
+    return [str(c).strip() for c in raw]
+
+
+def _gold(value: Any, choices: list[str], where: str) -> int:
+    text = str(value).strip()
+    if isinstance(value, bool):
+        raise DataError(f"{where}: answer {value!r} is a boolean", "give the index, the letter or the text of the answer")
+    if isinstance(value, int) or text.lstrip("-").isdigit():
+        idx = int(text)
+    elif len(text) == 1 and text.isalpha() and text.upper() not in {c.upper() for c in choices}:
+        idx = ord(text.upper()) - ord("A")
+    elif text in choices:
+        idx = choices.index(text)
+    else:
+        raise DataError(f"{where}: answer '{text[:80]}' is not an index, a letter or one of the choices", "fix that record")
+    if not 0 <= idx < len(choices):
+        raise DataError(f"{where}: answer index {idx} is out of range for {len(choices)} choices", "fix that record")
+    return idx
+
+
+def load_user_examples(spec: UserTaskSpec) -> list[Example]:
+    """Parse every record of the user file into Examples; malformed records are errors naming file and line."""
+    path = spec.path
+    if not path.is_file():
+        raise DataError(f"task '{spec.name}': file '{path}' does not exist", "fix 'path' in the task spec")
+    fmt = "csv" if path.name.endswith((".csv", ".csv.gz")) else "jsonl"
+    rows = read_csv(path) if fmt == "csv" else read_jsonl(path)
+    examples, ids = [], set()
+    for lineno, row in rows:
+        where = f"{path}:{lineno}"
+        question = str(_cell(row, spec.question, where))
+        choices = _choices(row, spec, where)
+        gold = _gold(_cell(row, spec.answer, where), choices, where)
+        rid = str(_cell(row, spec.id, where)) if spec.id else str(lineno)
+        if rid in ids:
+            raise DataError(f"{where}: duplicate id '{rid}'", "make ids unique or drop the 'id' mapping")
+        ids.add(rid)
+        group = str(_cell(row, spec.group, where)) if spec.group else None
+        meta = {"split": str(_cell(row, spec.split, where)).strip().lower()} if spec.split else {}
+        examples.append(Example(id=f"{spec.name}-{rid}", prompt=spec.prompt_template.format(question=question),
+                                choices=tuple(f" {c}" for c in choices), gold=gold, group=group, meta=meta))
+    if not examples:
+        raise DataError(f"task '{spec.name}': '{path}' holds no records", "check the file")
+    return examples
+
+
+def split_user_examples(examples: list[Example], spec: UserTaskSpec, seed: int) -> Splits:
+    if spec.split:
+        splits: Splits = {}
+        for ex in examples:
+            if ex.meta["split"] not in ("train", "validation", "test"):
+                raise DataError(f"task '{spec.name}': split value '{ex.meta['split']}' of {ex.id}",
+                                "use train, validation or test")
+            splits.setdefault(ex.meta["split"], []).append(ex)
+        return splits
+    unique = drop_duplicates(examples, key=lambda e: e.prompt)
+    train, test = stratified_split(unique, lambda e: (e.group, e.gold), spec.test_fraction, seed, spec.name)
+    return {"train": train, "test": test}
+
+
+def register_user_task(spec: UserTaskSpec | dict[str, Any]) -> str:
+    """Register a user MCQ dataset as a task; returns its name."""
+    try:
+        spec = spec if isinstance(spec, UserTaskSpec) else UserTaskSpec.model_validate(spec)
+    except ValueError as exc:
+        raise ConfigError(f"invalid user task spec: {exc}".replace("\n", "; "), "see docs/tasks.md") from None
+
+    def load(data_dir: Path, seed: int) -> Splits:
+        return split_user_examples(load_user_examples(spec), spec, seed)
+
+    register_task(spec.name, kind=spec.kind, description=f"user dataset {spec.path}", group_field=spec.group,
+                  needs_data_dir=False)(load)
+    return spec.name
