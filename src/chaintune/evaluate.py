@@ -13,6 +13,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from chaintune.errors import ChaintuneError
 from chaintune.tasks import Example
 
 
@@ -81,10 +82,14 @@ def _block_mask(questions: Sequence[PackedQuestion], length: int, dtype: torch.d
     return mask.unsqueeze(1)
 
 
-def _decoder_and_head(model):
+def decoder_and_head(model):
+    """The decoder stack (hidden states) and the output head of a causal LM, also through a PEFT wrapper."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = getattr(base, getattr(base, "base_model_prefix", "model"), None)
-    return decoder, base.get_output_embeddings()
+    head = base.get_output_embeddings()
+    if decoder is None or head is None:
+        raise ChaintuneError(f"{type(base).__name__} has no decoder/LM-head pair", "use a causal LM (AutoModelForCausalLM)")
+    return decoder, head
 
 
 @torch.no_grad()
@@ -108,14 +113,11 @@ def score_packed(model, questions: Sequence[PackedQuestion], pad_id: int) -> lis
             cols.extend(preds)
             targets.extend(q.input_ids[start:end])
             owners.extend([(b, i)] * len(preds))
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask, position_ids=position_ids.to(device),
                   use_cache=False)
-    if decoder is not None and head is not None:
-        hidden = decoder(**kwargs).last_hidden_state
-        logits = head(hidden[torch.tensor(rows), torch.tensor(cols)])
-    else:
-        logits = model(**kwargs).logits[torch.tensor(rows), torch.tensor(cols)]
+    hidden = decoder(**kwargs).last_hidden_state
+    logits = head(hidden[torch.tensor(rows), torch.tensor(cols)])
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     token_scores = logprobs[torch.arange(len(targets)), torch.tensor(targets, device=logprobs.device)].cpu().tolist()
     scores: list[list[float]] = [[0.0] * len(q.spans) for q in questions]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from chaintune.errors import ChaintuneError, DataError
 from chaintune.tasks import builtin as _builtin  # noqa: F401  (registers the built-in tasks)
-from chaintune.tasks.base import (SPLITS, Example, Splits, TaskSpec, canonical_task_name, default_data_dir, get_task,
+from chaintune.tasks.base import (_ON_REGISTER, SPLITS, Example, Splits, TaskSpec, canonical_task_name, default_data_dir, get_task,
                                   register_task, resolve_data_dir, task_names)
 from chaintune.tasks.splits import subsample
 from chaintune.tasks.user import UserTaskSpec, register_user_task
@@ -41,10 +41,26 @@ def _load_splits_cached(name: str, data_dir: Path | None, seed: int) -> Splits:
                         "pass --data-dir or set CHAINTUNE_DATA_DIR") from None
 
 
+_ON_REGISTER.append(_load_splits_cached.cache_clear)
+
+
+def _tasks_with_split(kind: str, split: str, data_dir: str | os.PathLike | None, exclude: str) -> list[str]:
+    found = []
+    for name in task_names():
+        if name != exclude and get_task(name).kind == kind:
+            try:
+                if split in load_splits(name, data_dir):
+                    found.append(name)
+            except ChaintuneError:
+                pass
+    return found
+
+
 def load_splits(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0) -> Splits:
     """All splits of a task that are available (split name → examples); `seed` fixes the train/test split."""
     spec = get_task(name)
-    return _load_splits_cached(spec.name, resolve_data_dir(data_dir) if spec.needs_data_dir else None, seed)
+    cached = _load_splits_cached(spec.name, resolve_data_dir(data_dir) if spec.needs_data_dir else None, seed)
+    return {split: list(examples) for split, examples in cached.items()}
 
 
 def load_task(name: str, split: str = "test", data_dir: str | os.PathLike | None = None, limit: int | None = None,
@@ -55,10 +71,11 @@ def load_task(name: str, split: str = "test", data_dir: str | os.PathLike | None
     splits = load_splits(name, data_dir, split_seed)
     if split not in splits:
         have = ", ".join(sorted(splits)) or "none"
-        alternatives = [t for t in task_names() if get_task(t).kind == get_task(name).kind and t != get_task(name).name]
+        spec = get_task(name)
+        alternatives = ", ".join(_tasks_with_split(spec.kind, split, data_dir, spec.name)) or "none here"
         raise DataError(f"task '{name}' has no '{split}' split here (available: {have})",
-                        f"use a task that has one (e.g. {', '.join(alternatives)}) or provide the file "
-                        "(see ../shared/data/README.md)" if split == "train" else "use another split")
+                        f"use a {spec.kind} task that has one ({alternatives}) or add the file "
+                        "(see ../shared/data/README.md)")
     examples = splits[split]
     if not examples:
         raise DataError(f"task '{name}': the '{split}' split is empty", "check the data files")

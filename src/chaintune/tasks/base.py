@@ -47,6 +47,12 @@ class TaskSpec:
 
 _REGISTRY: dict[str, TaskSpec] = {}
 _ALIASES: dict[str, str] = {}
+_ON_REGISTER: list[Callable[[], None]] = []  # e.g. cache invalidation when a task is (re)registered
+
+
+def builtin_task_names() -> set[str]:
+    """Names and aliases of tasks that ship with chaintune (not user-registered)."""
+    return {n for n, s in _REGISTRY.items() if s.needs_data_dir} | set(_ALIASES)
 
 
 def register_task(
@@ -62,6 +68,8 @@ def register_task(
     """Decorator registering `fn(data_dir, seed) -> {split: [Example]}` as task `name`."""
 
     def decorate(fn: Callable[[Path, int], Splits]) -> Callable[[Path, int], Splits]:
+        for listener in _ON_REGISTER:
+            listener()
         _REGISTRY[name] = TaskSpec(name, kind, description or (fn.__doc__ or "").strip().split("\n")[0], fn,
                                    hf_load, group_field, needs_data_dir)
         for alias in aliases:
@@ -91,7 +99,9 @@ def default_data_dir() -> Path | None:
     """`$CHAINTUNE_DATA_DIR`, else `../shared/data` next to the working directory or the checkout, if present."""
     env = os.environ.get("CHAINTUNE_DATA_DIR")
     if env:
-        return Path(env)
+        if not Path(env).is_dir():
+            raise DataError(f"CHAINTUNE_DATA_DIR='{env}' is not a directory", "fix or unset CHAINTUNE_DATA_DIR")
+        return Path(env).resolve()
     checkout_root = Path(__file__).resolve().parents[3]
     for candidate in (Path.cwd() / ".." / "shared" / "data", checkout_root / ".." / "shared" / "data"):
         if candidate.is_dir():

@@ -138,7 +138,7 @@ def bbq_biased_index(obj: dict[str, Any]) -> int | None:
     return target if obj["question_polarity"] == "neg" else next(k for k in non_unknown if k != target)
 
 
-def bbq_example(obj: dict[str, Any], where: str) -> Example:
+def bbq_example(obj: dict[str, Any], where: str, id_prefix: str = "bbq") -> Example:
     try:
         tags = [str(obj["answer_info"][f"ans{k}"][1]).lower() for k in range(3)]
         label = int(obj["label"])
@@ -150,7 +150,7 @@ def bbq_example(obj: dict[str, Any], where: str) -> Example:
                 "subcategory": obj.get("additional_metadata", {}).get("subcategory"),
                 "unknown_index": tags.index("unknown") if "unknown" in tags else None,
                 "biased_index": bbq_biased_index(obj)}
-        return Example(id=f"bbq-{obj['category']}-{obj['example_id']}",
+        return Example(id=f"{id_prefix}-{obj['category']}-{obj['example_id']}",
                        prompt=bbq_prompt(obj["context"], obj["question"]),
                        choices=tuple(f" {obj[f'ans{k}']}" for k in range(3)), gold=label, group=obj["category"],
                        meta=meta)
@@ -160,6 +160,7 @@ def bbq_example(obj: dict[str, Any], where: str) -> Example:
 
 
 def _split_bbq(examples: list[Example], seed: int, salt: str) -> Splits:
+    """Template split (category, question_index): no template straddles train and test."""
     examples = drop_duplicates(examples, key=lambda e: e.id)
     train, test = grouped_split(examples, unit=lambda e: (e.meta["category"], e.meta["question_index"]),
                                 stratum=lambda e: e.meta["category"], test_fraction=TEST_FRACTION, seed=seed, salt=salt)
@@ -197,7 +198,7 @@ def load_bbq_lite(data_dir: Path, seed: int) -> Splits:
     examples = []
     for path in files:
         for i, obj in enumerate(read_json(path).get("examples", [])):
-            examples.append(bbq_example(obj, f"{path}[example {i}]"))
+            examples.append(bbq_example(obj, f"{path}[example {i}]", id_prefix="bbq_lite"))
     return _split_bbq(examples, seed, "bbq_lite")
 
 
@@ -212,6 +213,7 @@ def mcq_example(obj: dict[str, Any], where: str, id_prefix: str) -> Example:
         else:
             stem, raw = question, obj["choices"]
             labels, texts = [str(x) for x in raw["label"]], [str(x) for x in raw["text"]]
+        concept = obj.get("question_concept") or (question.get("question_concept") if isinstance(question, dict) else None)
         answer = str(obj["answerKey"]).strip()
         if answer not in labels:
             raise ValueError(f"answerKey '{answer}' is not one of the labels {labels}")
@@ -219,7 +221,7 @@ def mcq_example(obj: dict[str, Any], where: str, id_prefix: str) -> Example:
             raise ValueError(f"needs at least 2 choices with one label each, got {len(texts)}")
         return Example(id=f"{id_prefix}-{obj['id']}", prompt=question_prompt(str(stem)),
                        choices=tuple(f" {t}" for t in texts), gold=labels.index(answer), group=None,
-                       meta={"labels": labels, **({"concept": obj["question_concept"]} if "question_concept" in obj else {})})
+                       meta={"labels": labels, **({"concept": concept} if concept else {})})
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{where}: malformed multiple-choice record ({type(exc).__name__}: {exc})",
                         "use the ARC/CommonsenseQA schema (question, choices, answerKey)") from None
@@ -238,6 +240,15 @@ def _first_existing(*paths: Path) -> Path | None:
     return next((p for p in paths if p.is_file()), None)
 
 
+def without_test_duplicates(splits: Splits) -> Splits:
+    """Drop train/validation examples whose prompt and choices also occur in test (official splits can overlap)."""
+    if "test" not in splits:
+        return splits
+    test_keys = {(e.prompt, e.choices) for e in splits["test"]}
+    return {name: examples if name == "test" else [e for e in examples if (e.prompt, e.choices) not in test_keys]
+            for name, examples in splits.items()}
+
+
 def _mcq_splits(task: str, id_prefix: str, candidates: dict[str, tuple[Path, ...]]) -> Splits:
     splits: Splits = {}
     for split, paths in candidates.items():
@@ -246,13 +257,14 @@ def _mcq_splits(task: str, id_prefix: str, candidates: dict[str, tuple[Path, ...
             splits[split] = _read_mcq_file(path, id_prefix)
     if not splits:
         require_file(next(iter(candidates.values()))[0], task)
-    return splits
+    return without_test_duplicates(splits)
 
 
 def _hf_mcq(dataset: tuple[str, ...], split_map: dict[str, str], id_prefix: str) -> Splits:
     ds = _hf_dataset(*dataset)
-    return {ours: [mcq_example(obj, f"{'/'.join(dataset)}[{theirs}][{i}]", id_prefix) for i, obj in enumerate(ds[theirs])]
-            for ours, theirs in split_map.items()}
+    return without_test_duplicates({
+        ours: [mcq_example(obj, f"{'/'.join(dataset)}[{theirs}][{i}]", id_prefix) for i, obj in enumerate(ds[theirs])]
+        for ours, theirs in split_map.items()})
 
 
 def _arc_candidates(folder: Path, variant: str) -> dict[str, tuple[Path, ...]]:
@@ -314,4 +326,4 @@ def load_cqa2(data_dir: Path, seed: int) -> Splits:
             splits[split] = [cqa2_example(obj, f"{path}:{ln}") for ln, obj in read_jsonl(path)]
     if not splits:
         require_file(folder / "CSQA2_dev.json.gz", "cqa2")
-    return splits
+    return without_test_duplicates(splits)

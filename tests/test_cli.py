@@ -1,0 +1,88 @@
+"""CLI: task listing, evaluation, and one-line errors with exit code 2 for bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chaintune.cli import main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("chaintune: error:"), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in err
+
+
+def test_tasks_lists_all_tasks_with_sizes_and_groups(capsys, real_data_dir):
+    code, out, _ = run_cli(capsys, "tasks", "--data-dir", str(real_data_dir))
+    assert code == 0
+    for fragment in ("toxigenqa", "bbq", "arc_easy", "arc_challenge", "cqa", "cqa2", "7169", "1791", "9244", "2712",
+                     "1172", "1221", "9264", "2541", "2249", "women", "Religion", "Sexual_orientation"):
+        assert fragment in out, fragment
+
+
+def test_eval_writes_json_and_predictions(capsys, tmp_path, tiny_model_dir, real_data_dir):
+    out_file = tmp_path / "e.json"
+    code, out, _ = run_cli(capsys, "eval", "--model", str(tiny_model_dir), "--task", "toxigenqa", "--limit", "26",
+                           "--data-dir", str(real_data_dir), "--output", str(out_file), "--no-progress")
+    assert code == 0 and "toxigenqa" in out
+    summary = json.loads(out_file.read_text())
+    assert summary["n"] == 26 and len(summary["per_group"]) == 13 and 0 <= summary["acc"] <= 100
+    assert out_file.with_suffix(".predictions.parquet").is_file()
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["eval", "--task", "nope", "--limit", "2"], ["unknown task 'nope'", "toxigenqa"]),
+    (["eval", "--task", "toxigenqa", "--data-dir", "/does/not/exist"], ["data directory", "--data-dir"]),
+    (["eval", "--task", "toxigenqa", "--limit", "2", "--model", "/no/such/model"], ["does not exist", "--model"]),
+    (["eval", "--task", "toxigenqa", "--limit", "0"], ["limit must be a positive number"]),
+    (["eval", "--task", "arc_challenge", "--split", "train"], ["no 'train' split", "arc_easy"]),
+    (["run", "/no/such/config.yaml"], ["config file", "does not exist"]),
+    (["summarize", "/no/such/run"], ["does not exist"]),
+])
+def test_bad_input_is_one_line_exit_2(capsys, real_data_dir, argv, fragments):
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, *fragments)
+
+
+def test_malformed_record_names_file_and_line(capsys, tmp_path):
+    (tmp_path / "csqa2").mkdir()
+    import gzip
+
+    with gzip.open(tmp_path / "csqa2" / "CSQA2_dev.json.gz", "wt") as fh:
+        fh.write('{"id": "1", "question": "q?", "answer": "yes"}\n{broken\n')
+    code, _, err = run_cli(capsys, "eval", "--task", "cqa2", "--data-dir", str(tmp_path), "--limit", "1")
+    assert_one_line_error(code, err, "CSQA2_dev.json.gz:2", "malformed JSON")
+
+
+def test_bad_config_key_is_named(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("chains:\n  - name: a\n    stages: [{task: toxigenqa, lr: 1e-5, bacth_size: 4}]\nlearning_rate: 3\n")
+    code, _, err = run_cli(capsys, "run", str(cfg))
+    assert_one_line_error(code, err, "bacth_size", "learning_rate: unknown key")
+
+
+def test_debug_shows_traceback(capsys):
+    from chaintune.errors import ChaintuneError
+
+    with pytest.raises(ChaintuneError):
+        main(["--debug", "eval", "--task", "nope"])
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--model", "--task", "--split", "--limit", "--seed", "--adapter", "--output", "--device", "--dtype",
+                   "--batch-tokens", "--trust-remote-code", "--data-dir"):
+        assert option in out
