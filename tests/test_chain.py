@@ -140,3 +140,22 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(tmp_path, tiny_model
     cols = ["chain", "seed", "stage", "eval_task", "group", "n", "acc", "acc_norm"]
     pd.testing.assert_frame_equal(reference[cols], resumed[cols])
     assert not list((tmp_path / "killed" / "out").rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_curvature_after_first_stage_is_stored_and_summarized(tmp_path, tiny_model_dir, real_data_dir, method):
+    from chaintune.summary import summary_tables
+
+    cfg = experiment(tmp_path, tiny_model_dir, real_data_dir, seeds=[0, 1, 2],
+                     training={"lr": 1e-3, "batch_size": 4, "method": method, "lora": {"r": 2, "alpha": 4}},
+                     curvature={"after": ["first"], "examples": 8, "max_iter": 20})
+    run(cfg)
+    stored = sorted((tmp_path / "out" / "stages").glob("*/curvature.json"))
+    assert [p.parent.name.split("-")[0] for p in stored] == ["s1"] * 3
+    tables = summary_tables(tmp_path / "out")
+    assert tables["curvature"].lambda_max.notna().all()
+    corr = tables["curvature_vs_forgetting"]
+    assert set(corr[corr.group == "ALL"].target) == {"F", "RF"} and (corr.n >= 3).any()
+    if method == "lora":
+        n_params = yaml.safe_load(stored[0].read_text())["n_parameters"]
+        assert n_params < 5000  # the adapter only, not the whole model

@@ -86,3 +86,13 @@ def test_help_explains_every_option(capsys):
     for option in ("--model", "--task", "--split", "--limit", "--seed", "--adapter", "--output", "--device", "--dtype",
                    "--batch-tokens", "--trust-remote-code", "--data-dir"):
         assert option in out
+
+
+def test_curvature_command(capsys, tmp_path, tiny_model_dir, real_data_dir):
+    out_file = tmp_path / "c.json"
+    code, out, _ = run_cli(capsys, "curvature", "--model", str(tiny_model_dir), "--task", "toxigenqa",
+                           "--examples", "8", "--topk", "2", "--data-dir", str(real_data_dir), "--output", str(out_file))
+    assert code == 0 and "lambda_max" in out
+    result = json.loads(out_file.read_text())
+    assert result["n_examples"] == 8 and len(result["topk"]) == 2
+    assert result["topk"] == sorted(result["topk"], reverse=True) and result["iterations"] >= 2

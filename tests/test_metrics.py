@@ -364,3 +364,19 @@ def test_smallest_recovering_fraction():
 def test_all_exported():
     for name in m.__all__:
         assert hasattr(m, name)
+
+
+def test_correlation_hand_computed():
+    from chaintune.metrics import correlation
+
+    # x = 1,2,3,4 ; y = 2,4,5,9: means 2.5, 5; dx = -1.5,-.5,.5,1.5; dy = -3,-1,0,4
+    # Sxy = 4.5+0.5+0+6 = 11; Sxx = 5; Syy = 9+1+0+16 = 26 → r = 11/sqrt(130) = 0.964764; slope = 11/5 = 2.2,
+    # intercept = 5 − 2.2·2.5 = −0.5; ranks identical → ρ = 1
+    c = correlation([1, 2, 3, 4], [2, 4, 5, 9])
+    assert c.n == 4 and c.pearson_r == pytest.approx(11 / 130 ** 0.5) and c.r2 == pytest.approx(121 / 130)
+    assert (c.slope, c.intercept) == (pytest.approx(2.2), pytest.approx(-0.5)) and c.spearman_rho == pytest.approx(1)
+    # t = r·sqrt(n−2)/sqrt(1−r²) with df 2 → two-sided p
+    from scipy import stats
+    t = (11 / 130 ** 0.5) * 2 ** 0.5 / (1 - 121 / 130) ** 0.5
+    assert c.pearson_p == pytest.approx(2 * stats.t.sf(t, 2))
+    assert correlation([1, 2], [3, 4]).note.startswith("undefined") and correlation([1, 1, 1], [1, 2, 3]).note

@@ -253,13 +253,46 @@ class ChainRunner:
         self.model.eval()
         self.loaded_key = node.key
 
+    def curvature_path(self, node: Node) -> Path:
+        return self.node_dir(node) / "curvature.json"
+
+    def curvature_node(self, node: Node) -> None:
+        """Measure λ_max (and top-k / trace if asked) of the stage's training loss w.r.t. its trainable parameters:
+        all weights for full fine-tuning, the stage's LoRA adapter for LoRA."""
+        from chaintune.curvature import measure_curvature
+
+        cc = self.cfg.curvature
+        if cc is None or node.stage is None or not cc.wants(node.index, node.stage) or self.curvature_path(node).is_file():
+            return
+        assert node.training is not None and node.seed is not None
+        if node.training.method == "lora":
+            from peft import PeftModel
+
+            self._materialize(node.parent)
+            model = PeftModel.from_pretrained(self.model, self.node_dir(node) / "checkpoint", is_trainable=True)
+            self.loaded_key = None
+        else:
+            self._materialize(node)
+            model = self.model.requires_grad_(True)
+        result = measure_curvature(model, self.tokenizer, stage_examples(self.cfg, node.stage, node.seed),
+                                   n_examples=cc.examples, seed=node.seed, topk=cc.topk, trace=cc.trace,
+                                   trace_samples=cc.trace_samples, micro_batch=cc.micro_batch, tol=cc.tol,
+                                   max_iter=cc.max_iter)
+        if node.training.method == "lora":
+            self.model = model.unload()  # drop the adapter again: parent weights, no merge
+        write_json(self.curvature_path(node), {"stage": node.index, "task": node.stage.task, **vars(result)})
+        self.echo(f"  curvature {node.dirname}: λ_max {result.lambda_max:.4g} ({result.iterations} iterations"
+                  f"{'' if result.converged else ', not converged'}, {result.seconds:.0f}s)")
+
     def release_checkpoints(self) -> None:
         """With keep_checkpoints: false, delete checkpoints whose children are all trained and evaluated."""
         if self.cfg.keep_checkpoints:
             return
         for node in self.nodes:
             evals_done = all(self.eval_path(node, t).is_file() for t in self.cfg.evaluation_tasks())
-            if evals_done and all(self.node_done(c) for c in node.children):
+            curvature_done = (self.cfg.curvature is None or node.stage is None
+                              or not self.cfg.curvature.wants(node.index, node.stage) or self.curvature_path(node).is_file())
+            if evals_done and curvature_done and all(self.node_done(c) for c in node.children):
                 shutil.rmtree(self.node_dir(node) / "checkpoint", ignore_errors=True)
 
     def prepare_output(self) -> None:
@@ -292,6 +325,7 @@ class ChainRunner:
         for node in self.nodes:
             self.train_node(node)
             self.evaluate_node(node)
+            self.curvature_node(node)
             self.release_checkpoints()
         results = write_results(self.cfg, self.out, self.runs, self.node_dir)
         self.echo(f"done in {time.perf_counter() - started:.0f}s → {self.out / 'results.parquet'}")
@@ -343,7 +377,10 @@ def write_results(cfg: ExperimentConfig, out: Path, runs: list[Run], node_dir: C
             write_table(folder / "train_curves.csv", pd.concat(curves, ignore_index=True))
         write_json(folder / "run.json", {"run_id": run.run_id, "chain": run.chain, "seed": run.seed,
                                          "stages": [n.dirname for n in run.nodes]})
-        write_json(folder / "metrics.json", run_metrics(run_df, pd.concat(preds, ignore_index=True), cfg))
+        curvature = [read_json(node_dir(n) / "curvature.json") for n in run.nodes
+                     if (node_dir(n) / "curvature.json").is_file()]
+        write_json(folder / "metrics.json", run_metrics(run_df, pd.concat(preds, ignore_index=True), cfg) |
+                   {"curvature": curvature})
         rows.extend(run_rows)
     results = pd.DataFrame(rows)
     write_table(out / "results.parquet", results)

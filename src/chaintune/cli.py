@@ -83,19 +83,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from chaintune.chain import predictions_frame
     from chaintune.evaluate import evaluate
     from chaintune.io import write_json, write_table
-    from chaintune.models import load_model
     from chaintune.tasks import canonical_task_name, load_task, resolve_data_dir
 
     task = canonical_task_name(args.task)
     examples = load_task(task, args.split, resolve_data_dir(args.data_dir), limit=args.limit, seed=args.seed)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
-                                  trust_remote_code=args.trust_remote_code)
-    if args.adapter:
-        from peft import PeftModel
-
-        if not Path(args.adapter).is_dir():
-            raise ChaintuneError(f"adapter directory '{args.adapter}' does not exist", "check --adapter")
-        model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload().eval()
+    model, tokenizer = _load_for_cli(args)
     result = evaluate(model, tokenizer, examples, task, progress=not args.no_progress, max_tokens=args.batch_tokens)
     rows = [{"group": "ALL", "n": result.n, "acc": result.acc, "acc_norm": result.acc_norm}]
     rows += [{"group": g, **v} for g, v in result.per_group.items()]
@@ -121,6 +113,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     return summarize(Path(cfg.output_dir))
 
 
+def _load_for_cli(args: argparse.Namespace, trainable_adapter: bool = False):
+    from chaintune.models import load_model
+
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code)
+    if args.adapter:
+        from peft import PeftModel
+
+        if not Path(args.adapter).is_dir():
+            raise ChaintuneError(f"adapter directory '{args.adapter}' does not exist", "check --adapter")
+        model = PeftModel.from_pretrained(model, args.adapter, is_trainable=trainable_adapter)
+        if not trainable_adapter:
+            model = model.merge_and_unload().eval()
+    return model, tokenizer
+
+
+def cmd_curvature(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from chaintune.curvature import measure_curvature
+    from chaintune.io import write_json
+    from chaintune.tasks import canonical_task_name, load_task, resolve_data_dir
+
+    task = canonical_task_name(args.task)
+    examples = load_task(task, args.split, resolve_data_dir(args.data_dir))
+    model, tokenizer = _load_for_cli(args, trainable_adapter=True)
+    if not args.adapter:
+        model.requires_grad_(True)
+    result = measure_curvature(model, tokenizer, examples, n_examples=args.examples, seed=args.seed, topk=args.topk,
+                               trace=args.trace, micro_batch=args.micro_batch)
+    row = {"task": task, "examples": result.n_examples, "parameters": result.n_parameters, "loss": result.loss,
+           "lambda_max": result.lambda_max, "iterations": result.iterations, "converged": result.converged,
+           "seconds": result.seconds}
+    if result.topk:
+        row["top_k"] = ", ".join(f"{v:.4g}" for v in result.topk)
+    if result.trace is not None:
+        row["trace"] = f"{result.trace:.4g} ± {result.trace_std_error:.2g}"
+    print_frame(pd.DataFrame([row]), "Hessian curvature of the mean answer-token loss")
+    if args.output:
+        write_json(args.output, vars(result) | {"task": task, "model": args.model, "adapter": args.adapter})
+    return 0
+
+
 def summarize(out_dir: Path) -> int:
     from chaintune.summary import summary_tables, write_summary
 
@@ -132,8 +167,12 @@ def summarize(out_dir: Path) -> int:
               "order_asymmetry": "Order asymmetry: RF(A→B) vs RF(B→A), Welch test over seeds",
               "group_forgetting": "Per-group forgetting F_g and biased forgetting BF_g = F_g − F (pp)",
               "biased_forgetting": "Biased-forgetting summaries (groups with n < min_group_size excluded)",
-              "bbq_bias": "BBQ bias scores (−100…100) per stage"}
+              "bbq_bias": "BBQ bias scores (−100…100) per stage",
+              "curvature": "Hessian λ_max of the training loss after the stage (trainable parameters)",
+              "curvature_vs_forgetting": "Does curvature predict later forgetting? (across runs)"}
     for name, df in tables.items():
+        if name == "curvature_points":
+            continue
         if name == "bbq_bias":
             df = df[df.category == "overall"]
         print_frame(compact(df), titles.get(name, name))
@@ -160,21 +199,36 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_arg(p)
     p.set_defaults(func=cmd_tasks)
 
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help="HF model id, local model directory or .gguf file (default: embedded "
+                                       "SmolLM2-135M)")
+        p.add_argument("--task", required=True, help="task name (see `chaintune tasks`)")
+        p.add_argument("--adapter", help="LoRA adapter directory (a stage checkpoint) applied to the model")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+        p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+        data_dir_arg(p)
+
     p = sub.add_parser("eval", help="score one task with a model (log-likelihood multiple choice)")
-    p.add_argument("--model", help="HF model id, local model directory or .gguf file (default: embedded SmolLM2-135M)")
-    p.add_argument("--task", required=True, help="task name (see `chaintune tasks`)")
+    model_args(p)
     p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split to score")
     p.add_argument("--limit", type=int, help="score at most N questions (seeded, stratified by group)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subsample")
-    p.add_argument("--adapter", help="LoRA adapter directory to merge into the model before scoring")
     p.add_argument("--output", help="JSON summary path (predictions go next to it as .predictions.parquet)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass (memory vs speed)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    p.add_argument("--batch-tokens", type=int, default=1024, help="tokens per forward pass (memory vs speed)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    data_dir_arg(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("curvature", help="Hessian λ_max (top-k, trace) of a task's training loss for a checkpoint")
+    model_args(p)
+    p.add_argument("--split", default="train", choices=["train", "validation", "test"], help="data for the loss")
+    p.add_argument("--examples", type=int, default=512, help="seeded subset size (SPEC default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset and the start vector")
+    p.add_argument("--topk", type=int, default=1, help="also the top-k eigenvalues by Lanczos when > 1")
+    p.add_argument("--trace", action="store_true", help="also a Hutchinson trace estimate")
+    p.add_argument("--micro-batch", type=int, default=8, help="examples per HVP micro-batch (memory)")
+    p.add_argument("--output", help="write the result as JSON")
+    p.set_defaults(func=cmd_curvature, dtype="float32")
 
     p = sub.add_parser("run", help="run (or resume) an experiment from a YAML config")
     p.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")

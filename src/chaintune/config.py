@@ -86,6 +86,23 @@ class Stage(Strict):
         return self.name or (self.task if self.replay is None else f"{self.task}+{self.replay.task}")
 
 
+class CurvatureConfig(Strict):
+    """Hessian curvature of the training loss after selected stages (SPEC.md §6)."""
+
+    after: list[str] = ["first"]  # stage names/labels (e.g. "toxigenqa"), "first" (stage 1) or "all"
+    examples: int = Field(512, ge=1, description="seeded subset of the stage's training data")
+    topk: int = Field(1, ge=1, description="eigenvalues by Lanczos when > 1")
+    trace: bool = False
+    trace_samples: int = Field(50, ge=2)
+    micro_batch: int = Field(8, ge=1)
+    tol: float = Field(1e-3, gt=0)
+    max_iter: int = Field(100, ge=1)
+
+    def wants(self, stage_index: int, stage: "Stage") -> bool:
+        return ("all" in self.after or ("first" in self.after and stage_index == 1)
+                or stage.label in self.after or stage.task in self.after)
+
+
 class Chain(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     stages: list[Stage] = Field(min_length=1)
@@ -108,7 +125,8 @@ class ExperimentConfig(Strict):
     training: TrainingConfig = TrainingConfig()
     chains: list[Chain] = Field(min_length=1)
     keep_checkpoints: bool = True
-    eval_max_tokens: int = Field(4096, ge=64, description="tokens per evaluation forward pass")
+    curvature: CurvatureConfig | None = None
+    eval_max_tokens: int = Field(1024, ge=64, description="tokens per evaluation forward pass")
     min_group_size: int = Field(30, ge=1)
 
     @field_validator("seeds")

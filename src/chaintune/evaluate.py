@@ -139,7 +139,7 @@ def _batches(questions: list[PackedQuestion], max_tokens: int, max_batch: int) -
         yield batch
 
 
-def score_examples(model, tokenizer, examples: Sequence[Example], *, max_tokens: int = 4096, max_batch: int = 64,
+def score_examples(model, tokenizer, examples: Sequence[Example], *, max_tokens: int = 1024, max_batch: int = 64,
                    max_length: int | None = None, progress: bool = False, desc: str = "eval") -> list[list[float]]:
     """Log-likelihood of every choice of every example (nats), in input order."""
     from tqdm.auto import tqdm
@@ -220,7 +220,7 @@ def accuracy_summary(task: str, predictions: Sequence[dict[str, Any]]) -> EvalRe
 
 
 def evaluate(model, tokenizer, examples: Sequence[Example], task: str = "task", *, progress: bool = False,
-             max_tokens: int = 4096, max_batch: int = 64) -> EvalResult:
+             max_tokens: int = 1024, max_batch: int = 64) -> EvalResult:
     """Score `examples` and return accuracies, per-group accuracies and per-example predictions."""
     scores = score_examples(model, tokenizer, examples, max_tokens=max_tokens, max_batch=max_batch,
                             progress=progress, desc=task)

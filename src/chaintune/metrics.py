@@ -21,7 +21,7 @@ __all__ = [
     "accuracy_matrix", "forgetting", "relative_forgetting", "learning_gain", "learning_gain_warnings",
     "group_forgetting", "biased_forgetting", "k_stage_forgetting", "backward_transfer", "order_asymmetry",
     "bbq_bias_scores", "seed_summary", "aggregate_over_seeds", "paired_bootstrap", "paired_bootstrap_groups",
-    "replay_recovery", "capability_cost", "smallest_recovering_fraction",
+    "replay_recovery", "capability_cost", "smallest_recovering_fraction", "Correlation", "correlation",
 ]
 
 
@@ -423,3 +423,38 @@ def smallest_recovering_fraction(df: pd.DataFrame, threshold: float = 0.9, fract
     mean = df.groupby(fraction)[recovery].mean().sort_index()
     hits = mean[mean >= threshold]
     return float(hits.index[0]) if len(hits) else None
+
+
+# ---------------------------------------------------------------- curvature → forgetting (SPEC §6)
+@dataclass(frozen=True)
+class Correlation:
+    """Association of x (e.g. first-stage λ_max) with y (e.g. forgetting in pp) over runs."""
+
+    n: int
+    pearson_r: float
+    pearson_p: float
+    spearman_rho: float
+    spearman_p: float
+    r2: float
+    slope: float
+    intercept: float
+    note: str = ""
+
+
+def correlation(x: Sequence[float], y: Sequence[float]) -> Correlation:
+    """Pearson r, Spearman ρ (two-sided p-values), R² and the least-squares line y = slope·x + intercept.
+
+    Pairs with a non-finite value are dropped; fewer than 3 pairs, or a constant x or y, give NaN with a note.
+    """
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(xa) & np.isfinite(ya)
+    xa, ya = xa[keep], ya[keep]
+    n = int(xa.size)
+    if n < 3 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
+        reason = "fewer than 3 runs" if n < 3 else "x or y is constant"
+        return Correlation(n, *([math.nan] * 7), note=f"undefined: {reason}")
+    pr = stats.pearsonr(xa, ya)
+    sr = stats.spearmanr(xa, ya)
+    fit = stats.linregress(xa, ya)
+    return Correlation(n, float(pr.statistic), float(pr.pvalue), float(sr.statistic), float(sr.pvalue),
+                       float(fit.rvalue ** 2), float(fit.slope), float(fit.intercept))

@@ -132,12 +132,44 @@ def summary_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
         for p in parts[1:]:
             merged = merged.merge(p.drop(columns=["seeds"]), on=["chain", "task"])
         tables["biased_forgetting"] = merged
+    curv = _flat(runs, "curvature")
+    if not curv.empty:
+        tables["curvature"] = _ci(curv, ["chain", "stage", "task"], "lambda_max")
+        points, corr = curvature_vs_forgetting(runs)
+        if not points.empty:
+            tables["curvature_points"] = points
+            tables["curvature_vs_forgetting"] = corr
     bbq = _flat(runs, "bbq_bias")
     if not bbq.empty:
         dis = _ci(bbq, ["chain", "task", "stage", "category"], "s_dis")
         amb = _ci(bbq, ["chain", "task", "stage", "category"], "s_amb").drop(columns=["seeds"])
         tables["bbq_bias"] = dis.merge(amb, on=["chain", "task", "stage", "category"])
     return tables
+
+
+def curvature_vs_forgetting(runs: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Points (one per run: λ_max after stage s, forgetting of that stage's task later) and their correlation,
+    overall (F, RF) and per group (F_g), across all runs of the experiment (SPEC.md §6)."""
+    points, group_points = [], []
+    for r in runs:
+        curv = {c["stage"]: c["lambda_max"] for c in r["metrics"].get("curvature", [])}
+        for f in r["metrics"].get("forgetting", []):
+            if f["trained_stage"] in curv:
+                points.append({"chain": r["chain"], "seed": r["seed"], "task": f["task"], "stage": f["trained_stage"],
+                               "lambda_max": curv[f["trained_stage"]], "F": f["F"], "RF": f["RF"]})
+        for g in r["metrics"].get("group_forgetting", []):
+            if g["trained_stage"] in curv and g.get("included", True):
+                group_points.append({"task": g["task"], "group": g["group"], "lambda_max": curv[g["trained_stage"]],
+                                     "F_g": g["F_g"]})
+    pts = pd.DataFrame(points)
+    rows = []
+    if not pts.empty:
+        for target in ("F", "RF"):
+            rows.append({"target": target, "group": OVERALL, **vars(M.correlation(pts.lambda_max, pts[target]))})
+        gp = pd.DataFrame(group_points)
+        for (task, group), part in (gp.groupby(["task", "group"]) if not gp.empty else []):
+            rows.append({"target": f"F_g ({task})", "group": group, **vars(M.correlation(part.lambda_max, part.F_g))})
+    return pts, pd.DataFrame(rows)
 
 
 def _order_asymmetry(runs: list[dict[str, Any]], forg: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,202 @@
+"""Curvature (SPEC.md §6): exact HVPs checked against a Hessian formed in full on a tiny model, eigen-solvers and
+Hutchinson against `eigvalsh`/trace, micro-batch invariance, PEFT LoRA, state restoration, determinism.
+
+The exact-Hessian model is tiny_llama(hidden_size=8, num_layers=1) with only the attention projections, the norms
+and down_proj trainable (344 parameters), so H (344×344) is built column by column from 344 HVPs in a few seconds.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import pytest
+import torch
+
+from chaintune.config import TrainingConfig
+from chaintune.curvature import (HessianOperator, eager_attention, hutchinson_trace, lanczos, measure_curvature,
+                                 power_iteration)
+from chaintune.models import tiny_llama
+from chaintune.tasks import Example
+from chaintune.train import answer_loss_sum, attach_lora
+
+TRAINABLE = ("self_attn", "norm", "down_proj")
+
+
+def _examples(n: int) -> list[Example]:
+    return [Example(f"ex-{i}", f"Statement: sample number {i} about the group\nQuestion: Is this statement toxic?\n"
+                    "Answer:", (" no", " yes"), i % 2, group=("a", "b", "c")[i % 3]) for i in range(n)]
+
+
+def _tiny_exact_model():
+    model, tokenizer = tiny_llama(seed=0, hidden_size=8, num_layers=1)
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(k in name for k in TRAINABLE))
+    return model, tokenizer
+
+
+@dataclass
+class Exact:
+    model: torch.nn.Module
+    tokenizer: object
+    op: HessianOperator
+    hessian: torch.Tensor  # built from HVPs, column by column
+    eigenvalues: torch.Tensor  # ascending
+
+
+@pytest.fixture(scope="module")
+def exact() -> Exact:
+    torch.manual_seed(0)
+    model, tokenizer = _tiny_exact_model()
+    with eager_attention(model):
+        op = HessianOperator(model, tokenizer, _examples(12), micro_batch=4)
+        hessian = torch.stack([op(e) for e in torch.eye(op.dim)], dim=1)
+    return Exact(model, tokenizer, op, hessian, torch.linalg.eigvalsh((hessian + hessian.T) / 2))
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def test_exact_hessian_is_symmetric_and_small_enough(exact: Exact):
+    assert 200 <= exact.op.dim <= 400
+    scale = exact.hessian.abs().max()
+    assert scale > 0 and torch.isfinite(exact.hessian).all()
+    assert (exact.hessian - exact.hessian.T).abs().max() <= 1e-5 * scale
+
+
+def test_hvp_matches_autograd_functional_hessian(exact: Exact):
+    """Independent: torch.autograd.functional.hessian of the same loss as a function of the flat trainable vector."""
+    model, op = exact.model, exact.op
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    class Loss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = model
+
+        def forward(self) -> torch.Tensor:
+            return sum(answer_loss_sum(self.lm, *b)[0] for b in op.batches) / op.n_tokens
+
+    wrapper = Loss()
+    shapes = [p.shape for p in op.params]
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(flat, [s.numel() for s in shapes])
+        params = {f"lm.{n}": t.view(s) for n, t, s in zip(names, parts, shapes)}
+        return torch.func.functional_call(wrapper, params, ())
+
+    flat = torch.cat([p.detach().reshape(-1) for p in op.params])
+    with eager_attention(model):
+        reference = torch.autograd.functional.hessian(loss_of, flat)
+        assert abs(loss_of(flat).item() - op.loss()) < 1e-6
+    assert torch.allclose(exact.hessian, reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
+
+
+def test_hvp_matches_finite_differences_of_gradients(exact: Exact):
+    """Independent of double backward: central differences of first-order gradients, in float64."""
+    model = copy.deepcopy(exact.model).double()
+    v = torch.randn(exact.op.dim, generator=torch.Generator().manual_seed(1))
+    v /= v.norm()
+    with eager_attention(model):
+        op = HessianOperator(model, exact.tokenizer, _examples(12), micro_batch=4)
+        vs = [c.view_as(p).double() for c, p in zip(torch.split(v, [p.numel() for p in op.params]), op.params)]
+
+        def grad_at(shift: float) -> torch.Tensor:
+            with torch.no_grad():
+                for p, d in zip(op.params, vs):
+                    p.add_(shift * d)
+            total = sum(answer_loss_sum(model, *b)[0] for b in op.batches) / op.n_tokens
+            grads = torch.autograd.grad(total, op.params)
+            with torch.no_grad():
+                for p, d in zip(op.params, vs):
+                    p.sub_(shift * d)
+            return torch.cat([g.reshape(-1) for g in grads])
+
+        eps = 1e-3
+        fd = (grad_at(eps) - grad_at(-eps)) / (2 * eps)
+        hv = op(v)
+    assert torch.allclose(hv.double(), fd, atol=1e-4 * fd.norm().item())
+    assert torch.allclose(exact.hessian @ v, hv, atol=1e-5 * hv.norm().item())
+
+
+def test_power_iteration_matches_eigvalsh(exact: Exact):
+    ev = exact.eigenvalues
+    dominant = ev[ev.abs().argmax()].item()
+    with eager_attention(exact.model):
+        lam, iterations, converged = power_iteration(exact.op, exact.op.dim, exact.op.device, seed=0, tol=1e-9,
+                                                     max_iter=2000)
+    assert converged and iterations > 1
+    assert _rel(lam, dominant) < 1e-4
+
+
+def test_lanczos_top_k_matches_eigvalsh(exact: Exact):
+    top = exact.eigenvalues.flip(0)[:3].tolist()
+    with eager_attention(exact.model):
+        found = lanczos(exact.op, exact.op.dim, exact.op.device, k=3, seed=0)  # default steps (as measure_curvature)
+    assert len(found) == 3 and found == sorted(found, reverse=True)
+    for got, want in zip(found, top):
+        assert _rel(got, want) < 1e-4
+
+
+def test_hutchinson_trace_within_three_standard_errors(exact: Exact):
+    h, n = exact.hessian.double(), 100
+    with eager_attention(exact.model):
+        estimate, std_error = hutchinson_trace(exact.op, exact.op.dim, exact.op.device, samples=n, seed=0)
+    truth = h.trace().item()
+    # Var(zᵀHz) = 2 Σ_{i≠j} H_ij² for Rademacher z: the reported standard error must be of that size
+    expected_se = (2 * ((h**2).sum() - (h.diagonal()**2).sum()).item() / n) ** 0.5
+    assert 0.7 * expected_se < std_error < 1.3 * expected_se
+    assert abs(estimate - truth) < 3 * std_error
+
+
+@pytest.mark.parametrize("micro_batch", [1, 5, 12])
+def test_micro_batching_does_not_change_the_operator(exact: Exact, micro_batch: int):
+    v = torch.randn(exact.op.dim, generator=torch.Generator().manual_seed(2))
+    with eager_attention(exact.model):
+        op = HessianOperator(exact.model, exact.tokenizer, _examples(12), micro_batch=micro_batch)
+        assert len(op.batches) == -(-12 // micro_batch) and op.n_tokens == exact.op.n_tokens
+        hv, reference = op(v), exact.op(v)
+        assert abs(op.loss() - exact.op.loss()) < 1e-6
+    assert torch.allclose(hv, reference, atol=1e-5 * reference.norm().item())
+
+
+def test_measure_curvature_through_lora_counts_adapters_and_restores_state():
+    model, tokenizer = tiny_llama(seed=0)
+    model = attach_lora(model, TrainingConfig(method="lora"), seed=0)
+    with torch.no_grad():  # LoRA B starts at zero; make the adapters non-trivial
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(3))
+    base = model.get_base_model()
+    attn_before = base.config._attn_implementation
+    assert attn_before != "eager"  # otherwise restoring it would prove nothing
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    model.train()
+    result = measure_curvature(model, tokenizer, _examples(16), n_examples=8, micro_batch=3, topk=2, trace=True,
+                               trace_samples=4, max_iter=15)
+    assert result.n_parameters == adapters and trainable == {n for n, p in model.named_parameters() if "lora_" in n}
+    assert result.n_examples == 8 and result.lambda_max != 0 and len(result.topk) == 2
+    assert result.hvp_calls >= result.iterations + 4 and result.trace is not None
+    assert model.training and all(m.training for m in model.modules())
+    assert base.config._attn_implementation == attn_before
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()
+    measure_curvature(model, tokenizer, _examples(16), n_examples=4, max_iter=2)
+    assert not any(m.training for m in model.modules()) and base.config._attn_implementation == attn_before
+
+
+def test_measure_curvature_is_deterministic_for_a_fixed_seed():
+    def run(seed: int) -> dict:
+        model, tokenizer = _tiny_exact_model()
+        torch.manual_seed(seed + 100)  # the global RNG must not matter
+        out = asdict(measure_curvature(model, tokenizer, _examples(20), n_examples=10, seed=seed, topk=2,
+                                       trace=True, trace_samples=5, micro_batch=4))
+        out.pop("seconds")
+        return out
+
+    first = run(0)
+    assert first == run(0)
+    assert first["n_examples"] == 10 and first["converged"]
+    assert first != run(1)
