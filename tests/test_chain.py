@@ -159,3 +159,38 @@ def test_curvature_after_first_stage_is_stored_and_summarized(tmp_path, tiny_mod
     if method == "lora":
         n_params = yaml.safe_load(stored[0].read_text())["n_parameters"]
         assert n_params < 5000  # the adapter only, not the whole model
+
+
+def test_sam_and_l2_prev_train_and_differ_from_adamw(tmp_path, tiny_model_dir, real_data_dir):
+    def curve(name: str, **training) -> pd.Series:
+        cfg = experiment(tmp_path / name, tiny_model_dir, real_data_dir,
+                         training={"lr": 1e-3, "batch_size": 4, **training},
+                         chains=[{"name": "c", "stages": [{"task": "toxigenqa"}]}], eval_tasks=["toxigenqa"])
+        run(cfg)
+        return pd.read_csv(tmp_path / name / "out" / "runs" / "c-seed0" / "train_curves.csv").loss
+
+    adamw, sam, l2 = curve("adamw"), curve("sam", optimizer="sam", sam_rho=0.5), curve("l2", l2_prev=100.0)
+    assert adamw.iloc[0] == sam.iloc[0] == l2.iloc[0]  # same weights and batch at step 1
+    assert not adamw.equals(sam) and not adamw.equals(l2)
+
+
+@pytest.mark.parametrize("fraction, balance", [(0.05, "none"), (0.25, "none"), (0.1, "groups")])
+def test_replay_mixture_composition(tmp_path, tiny_model_dir, real_data_dir, fraction, balance):
+    from collections import Counter
+
+    from chaintune.chain import stage_examples
+    from chaintune.tasks import load_splits
+
+    cfg = validate_config(experiment(tmp_path, tiny_model_dir, real_data_dir, tasks={"arc_easy": {"train_limit": 200}},
+                                     chains=[{"name": "r", "stages": [{"task": "arc_easy", "replay": {
+                                         "task": "toxigenqa", "fraction": fraction, "balance": balance}}]}]))
+    mixed = stage_examples(cfg, cfg.chains[0].stages[0], seed=0)
+    replayed = [e for e in mixed if e.id.startswith("toxigen")]
+    n = len(mixed)
+    assert len(replayed) == round(fraction * n) and n - len(replayed) == 200
+    test_ids = {e.id for e in load_splits("toxigenqa", real_data_dir)["test"]}
+    assert not test_ids & {e.id for e in replayed} and len({e.id for e in replayed}) == len(replayed)
+    if balance == "groups":
+        counts = Counter(e.group for e in replayed).values()
+        assert max(counts) - min(counts) <= 1
+    assert stage_examples(cfg, cfg.chains[0].stages[0], seed=0) == mixed  # seeded

@@ -111,9 +111,18 @@ def stage_examples(cfg: ExperimentConfig, stage: Stage, seed: int) -> list[Examp
                          seed=cfg.data_seed, split_seed=cfg.split_seed)
     if stage.replay and stage.replay.fraction > 0:
         pool = load_task(stage.replay.task, "train", data_dir, split_seed=cfg.split_seed)
-        n_replay = round(stage.replay.fraction * len(examples) / (1 - stage.replay.fraction))
+        n_replay = min(len(pool), round(stage.replay.fraction * len(examples) / (1 - stage.replay.fraction)))
         rng = random.Random(stable_seed("replay", seed, stage.replay.task, n_replay))
-        examples = examples + rng.sample(pool, min(n_replay, len(pool)))
+        if stage.replay.balance == "groups":
+            by_group: dict[str, list[Example]] = {}
+            for ex in pool:
+                by_group.setdefault(str(ex.group), []).append(ex)
+            names = sorted(by_group)
+            quota = {g: n_replay // len(names) + (i < n_replay % len(names)) for i, g in enumerate(names)}
+            drawn = [ex for g in names for ex in rng.sample(by_group[g], min(quota[g], len(by_group[g])))]
+        else:
+            drawn = rng.sample(pool, n_replay)
+        examples = examples + drawn
     return examples
 
 
@@ -344,7 +353,7 @@ def _stage_name(node: Node) -> str:
 
 def write_results(cfg: ExperimentConfig, out: Path, runs: list[Run], node_dir: Callable[[Node], Path]) -> pd.DataFrame:
     """Assemble per-run folders and the experiment's tidy results table from the node evaluations."""
-    from chaintune.summary import run_metrics
+    from chaintune.summary import replay_metrics, run_metrics
 
     rows: list[dict[str, Any]] = []
     for run in runs:
@@ -379,8 +388,10 @@ def write_results(cfg: ExperimentConfig, out: Path, runs: list[Run], node_dir: C
                                          "stages": [n.dirname for n in run.nodes]})
         curvature = [read_json(node_dir(n) / "curvature.json") for n in run.nodes
                      if (node_dir(n) / "curvature.json").is_file()]
+        replay_stages = [{"stage": n.index, "task": n.stage.task, "replay_task": n.stage.replay.task,
+                          "fraction": n.stage.replay.fraction} for n in run.nodes if n.stage and n.stage.replay]
         write_json(folder / "metrics.json", run_metrics(run_df, pd.concat(preds, ignore_index=True), cfg) |
-                   {"curvature": curvature})
+                   {"curvature": curvature, "replay": replay_metrics(run_df, replay_stages)})
         rows.extend(run_rows)
     results = pd.DataFrame(rows)
     write_table(out / "results.parquet", results)

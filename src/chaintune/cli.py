@@ -169,7 +169,9 @@ def summarize(out_dir: Path) -> int:
               "biased_forgetting": "Biased-forgetting summaries (groups with n < min_group_size excluded)",
               "bbq_bias": "BBQ bias scores (−100…100) per stage",
               "curvature": "Hessian λ_max of the training loss after the stage (trainable parameters)",
-              "curvature_vs_forgetting": "Does curvature predict later forgetting? (across runs)"}
+              "curvature_vs_forgetting": "Does curvature predict later forgetting? (across runs)",
+              "replay": "Replay: recovery of forgotten safety accuracy (1 = all) and capability cost (pp)",
+              "replay_groups": "Replay recovery per group"}
     for name, df in tables.items():
         if name == "curvature_points":
             continue

@@ -41,6 +41,9 @@ class TrainingConfig(Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     max_length: int = Field(512, ge=8)
+    optimizer: Literal["adamw", "sam"] = "adamw"  # sam: sharpness-aware minimisation around AdamW
+    sam_rho: float = Field(0.05, gt=0, description="SAM neighbourhood radius")
+    l2_prev: float = Field(0.0, ge=0, description="coefficient of (λ/2)·‖θ − θ_stage_start‖² (L2 to previous weights)")
     lora: LoraConfig = LoraConfig()
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between mid-stage resume checkpoints")
 
@@ -58,6 +61,7 @@ class TaskSettings(Strict):
 class ReplayConfig(Strict):
     task: str
     fraction: float = Field(ge=0, lt=1, description="n_replayed / (n_replayed + n_stage)")
+    balance: Literal["none", "groups"] = "none"  # groups: equal numbers of replayed examples per group
 
 
 class Stage(Strict):

@@ -80,6 +80,34 @@ def run_metrics(run_df: pd.DataFrame, predictions: pd.DataFrame, cfg) -> dict[st
     return out
 
 
+def replay_metrics(run_df: pd.DataFrame, replay_stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Recovery and capability cost of every replay stage (SPEC.md §7), overall and per group.
+
+    `replay_stages`: [{stage, task, replay_task, fraction}]. For replay of S at stage s after S was trained at
+    stage s_S: recovery = (R[s][S] − R[s−1][S]) / (R[s_S][S] − R[s−1][S]); cost = R[s−1][C] − R[s][C].
+    """
+    acc = run_df.set_index(["stage", "eval_task", "group"]).acc
+    trained = dict(run_df.drop_duplicates("stage")[["stage", "trained_task"]].values)
+    rows = []
+    for r in replay_stages:
+        s, S, C = r["stage"], r["replay_task"], r["task"]
+        earlier = [k for k in range(1, s) if trained.get(k) == S]
+        if not earlier or (s, S, OVERALL) not in acc.index:
+            continue
+        s_S = earlier[-1]
+        groups = sorted(run_df[(run_df.eval_task == S) & (run_df.stage == s)].group.unique())
+        for g in groups:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", M.MetricWarning)
+                rec = M.replay_recovery(acc[(s_S, S, g)], acc[(s - 1, S, g)], acc[(s, S, g)])
+            cost = M.capability_cost(acc[(s - 1, C, OVERALL)], acc[(s, C, OVERALL)]) if (s, C, OVERALL) in acc.index \
+                else math.nan
+            rows.append({"stage": s, "task": C, "replay_task": S, "fraction": r["fraction"], "group": g,
+                         "recovery": rec, "capability_cost": cost if g == OVERALL else math.nan,
+                         "forgotten": acc[(s_S, S, g)] - acc[(s - 1, S, g)]})
+    return _records(pd.DataFrame(rows)) if rows else []
+
+
 # --------------------------------------------------------------------------------------------- experiment summary
 def load_run_metrics(out_dir: Path) -> list[dict[str, Any]]:
     runs = []
@@ -139,6 +167,19 @@ def summary_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
         if not points.empty:
             tables["curvature_points"] = points
             tables["curvature_vs_forgetting"] = corr
+    replay = _flat(runs, "replay")
+    if not replay.empty:
+        overall = replay[replay.group == OVERALL]
+        rec = _ci(overall, ["task", "replay_task", "fraction"], "recovery")
+        cost = _ci(overall, ["task", "replay_task", "fraction"], "capability_cost").drop(columns=["seeds"])
+        table = rec.merge(cost, on=["task", "replay_task", "fraction"])
+        table["smallest_f_recovering_90pct"] = [
+            M.smallest_recovering_fraction(overall[(overall.task == t) & (overall.replay_task == r)])
+            for t, r in zip(table.task, table.replay_task)]
+        tables["replay"] = table
+        groups = replay[replay.group != OVERALL]
+        if not groups.empty:
+            tables["replay_groups"] = _ci(groups, ["task", "replay_task", "fraction", "group"], "recovery")
     bbq = _flat(runs, "bbq_bias")
     if not bbq.empty:
         dis = _ci(bbq, ["chain", "task", "stage", "category"], "s_dis")

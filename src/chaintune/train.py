@@ -81,6 +81,18 @@ def answer_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.
     return loss, int(rows.numel())
 
 
+def _accumulate_gradients(model, batches, n_answer: int, autocast_bf16: bool) -> float:
+    """Backpropagate the step's mean answer-token loss over its micro-batches; returns the summed loss (nats)."""
+    device_type = next(model.parameters()).device.type
+    total = 0.0
+    for ids, labels, mask in batches:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast_bf16):
+            loss_sum, _ = answer_loss_sum(model, ids, labels, mask)
+        (loss_sum / n_answer).backward()
+        total += loss_sum.item()
+    return total
+
+
 def lr_at(step: int, total: int, cfg: TrainingConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then constant or linear decay to 0."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -174,6 +186,7 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=1e-8)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    anchor = [p.detach().clone() for p in params] if cfg.l2_prev > 0 else None  # weights at the stage start
     start, curve, tokens, seconds = 0, [], 0, 0.0
     if work_dir is not None:
         resumed = _load_resume_state(work_dir, model, optimizer)
@@ -193,18 +206,32 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
         for group in optimizer.param_groups:
             group["lr"] = lr
         n_answer = sum(sum(1 for t in data[i].labels if t != IGNORE) for mb in micro_batches for i in mb)
-        step_loss, step_tokens = 0.0, 0
-        for mb in micro_batches:
-            ids, labels, mask = _collate([data[i] for i in mb], pad_id, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-                loss_sum, _ = answer_loss_sum(model, ids, labels, mask)
-            (loss_sum / n_answer).backward()
-            step_loss += loss_sum.item()
-            step_tokens += int(mask.sum())
+        batches = [_collate([data[i] for i in mb], pad_id, device) for mb in micro_batches]
+        step_loss = _accumulate_gradients(model, batches, n_answer, autocast_bf16)
+        step_tokens = sum(int(mask.sum()) for _, _, mask in batches)
         mean_loss = step_loss / n_answer
         if not math.isfinite(mean_loss):
             raise TrainingError(f"stage '{desc}': loss is {mean_loss} at step {step + 1}/{total} (lr={lr:g})",
                                 "lower the learning rate or keep gradient clipping on (max_grad_norm)")
+        if cfg.optimizer == "sam":  # gradient at the worst point of a ρ-ball (Foret et al. 2021), then step from w
+            with torch.no_grad():
+                norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+                shifts = [p.grad * (cfg.sam_rho / (norm + 1e-12)) if p.grad is not None else None for p in params]
+                for p, e in zip(params, shifts):
+                    if e is not None:
+                        p.add_(e)
+            optimizer.zero_grad(set_to_none=True)
+            torch.manual_seed(stable_seed("step", seed, step))  # same dropout masks as the first pass
+            _accumulate_gradients(model, batches, n_answer, autocast_bf16)
+            with torch.no_grad():
+                for p, e in zip(params, shifts):
+                    if e is not None:
+                        p.sub_(e)
+        if anchor is not None:  # gradient of (l2_prev / 2)·‖θ − θ_stage_start‖²
+            with torch.no_grad():
+                for p, p0 in zip(params, anchor):
+                    if p.grad is not None:
+                        p.grad.add_(p - p0, alpha=cfg.l2_prev)
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
                      else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         optimizer.step()
