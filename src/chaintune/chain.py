@@ -324,11 +324,10 @@ class ChainRunner:
     def run(self) -> pd.DataFrame:
         """Train and evaluate everything not done yet, then (re)write the run folders and the results table."""
         self.prepare_output()
-        for task in self.cfg.all_tasks():  # fail fast on missing splits / data before any training
-            for stage_task in [s for c in self.cfg.chains for s in c.stages if s.task == task]:
-                stage_examples(self.cfg, stage_task, 0)
-            if task in self.cfg.evaluation_tasks():
-                self.eval_set(task)
+        for stage in {s.model_dump_json(): s for c in self.cfg.chains for s in c.stages}.values():
+            stage_examples(self.cfg, stage, self.cfg.seeds[0])  # fail fast on missing splits before any training
+        for task in self.cfg.evaluation_tasks():
+            self.eval_set(task)
         started = time.perf_counter()
         self.evaluate_node(self.base)
         for node in self.nodes:
