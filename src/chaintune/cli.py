@@ -1,4 +1,4 @@
-"""Command-line interface: `chaintune tasks | eval | run | summarize`."""
+"""Command-line interface: `chaintune tasks | eval | curvature | run | summarize | report`."""
 from __future__ import annotations
 
 import argparse
@@ -49,7 +49,8 @@ def compact(df):
             out["difference"] = [f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]" for v, lo, hi in
                                  zip(df["difference"], df["ci_low"], df["ci_high"])]
             out = out.drop(columns=["ci_low", "ci_high"])
-    return out[[c for c in out.columns if not c.endswith("_std") and c != "note"]]
+    hidden = {c for c in out.columns if c.endswith("_std") and c[: -len("_std")] in out.columns} | {"note"}
+    return out[[c for c in out.columns if c not in hidden]]
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -187,6 +188,16 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     return summarize(Path(args.run_dir))
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from chaintune.report import write_report
+
+    out = Path(args.out) if args.out else None
+    fmt = args.format or ("md" if out is not None and out.suffix == ".md" else "html")
+    path = write_report(Path(args.run_dir), out, fmt=fmt)
+    _console().print(f"report written to {path} (figures/ and tables/ beside it)")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chaintune", description="Chained fine-tuning and (biased) forgetting.")
@@ -242,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summarize", help="print forgetting / biased-forgetting tables of a finished run")
     p.add_argument("run_dir", help="an experiment output_dir")
     p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("report", help="write an HTML (or Markdown) report with figures and tables of a run or sweep")
+    p.add_argument("run_dir", help="an experiment output_dir, or a folder of several experiments (a sweep)")
+    p.add_argument("--out", help="report file or folder (default: RUN_DIR/report/report.html)")
+    p.add_argument("--format", choices=["html", "md"], help="html (self-contained) or md (default: from --out, else html)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

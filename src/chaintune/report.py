@@ -201,7 +201,7 @@ def replay_points(results: pd.DataFrame, experiment: Mapping[str, Any]) -> pd.Da
     """One row per run × replay stage (SPEC.md §7): a stage r >= 2 that trains capability task C mixed with a
     fraction f of replayed safety task S, where S was trained at an earlier stage s_S:
 
-        recovery        = (R[r][S] − R[r−1][S]) / (R[s_S][S] − R[r−1][S])   (fraction; 1 = all forgetting undone)
+        recovery        = (R[r][S] − R[r−1][S]) / (R[s_S][S] − R[r−1][S])   (fraction; 1 = all forgotten won back)
         capability_cost = R[r−1][C] − R[r][C]                               (pp)
 
     A chain whose stages match a replay chain's but whose stage r has no replay counts as f = 0. Columns: chain,
@@ -221,7 +221,8 @@ def replay_points(results: pd.DataFrame, experiment: Mapping[str, Any]) -> pd.Da
             continue
         tasks = [s["task"] for s in stages]
         for other, (r, s_task, _) in list(plans.items()):
-            if len(tasks) >= r and tasks[:r] == [s["task"] for s in chains[other][:r]] and not stages[r - 1].get("replay"):
+            same_tasks = len(tasks) >= r and tasks[:r] == [s["task"] for s in chains[other][:r]]
+            if same_tasks and not stages[r - 1].get("replay"):
                 plans[name] = (r, s_task, 0.0)
                 break
     rows = []
@@ -277,7 +278,7 @@ def plot_accuracy_matrix(R: pd.DataFrame, ax=None, title: str | None = None, col
     with ': '. Draws into `ax` when given (and returns its figure), else into a new figure.
     """
     if ax is None:
-        fig = _figure(max(2.6, 0.8 * R.shape[1] + 1.6), max(1.5, 0.32 * R.shape[0] + 1.1))
+        fig = _figure(min(DOUBLE, max(SINGLE, 0.8 * R.shape[1] + 1.6)), max(1.5, 0.32 * R.shape[0] + 1.1))
         ax = fig.add_subplot()
     values = R.to_numpy(dtype=float)
     im = ax.imshow(values, cmap=HEATMAP, vmin=vmin, vmax=vmax, aspect="auto")
@@ -307,19 +308,24 @@ def plot_accuracy_matrix(R: pd.DataFrame, ax=None, title: str | None = None, col
 
 @_styled
 def plot_accuracy_matrices(matrices: Mapping[str, pd.DataFrame], ncols: int = 2) -> Figure:
-    """One heat-map panel per chain (as `accuracy_matrices` returns them), sharing one colour bar."""
+    """One heat-map panel per chain (as `accuracy_matrices` returns them), sharing one colour bar; `ncols` panels
+    per row (at least 3 when there are more than 4 chains)."""
     n = len(matrices)
-    ncols = max(1, min(ncols, n))
+    ncols = max(1, min(ncols if n <= 4 else max(ncols, 3), n))
     nrows = math.ceil(n / ncols)
     n_stages = max(R.shape[0] for R in matrices.values())
     fig = _figure(DOUBLE if ncols > 1 else 3.6, nrows * (0.3 * n_stages + 1.35))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    for ax, (chain, R) in zip(axes, matrices.items()):
+    for i, (ax, (chain, R)) in enumerate(zip(axes, matrices.items())):
         plot_accuracy_matrix(R, ax=ax, title=chain, colorbar=False)
+        if i % ncols:
+            ax.set_ylabel("")
+        if i + ncols < n:
+            ax.set_xlabel("")
     for ax in axes[n:]:
         ax.set_visible(False)
     mappable = axes[0].images[0]
-    fig.colorbar(mappable, ax=list(axes[:n]), label="accuracy (pp)", shrink=0.9, aspect=25)
+    fig.colorbar(mappable, ax=list(axes[:n]), label="accuracy (pp)", shrink=0.9 if nrows == 1 else 0.5, aspect=25)
     return fig
 
 
@@ -426,7 +432,7 @@ def plot_group_forgetting(df: pd.DataFrame, min_group_size: int | None = None) -
         for tick, inc in zip(ax.get_xticklabels(), included):
             if not inc:
                 tick.set_color("#666666")
-        ax.set_ylabel("group forgetting F_g (pp)")
+        ax.set_ylabel(r"group forgetting $F_g$ (pp)")
         ax.set_title(f"{chain}: {task}", loc="left")
         if not included.all():
             size = f"n < {min_group_size}" if min_group_size else "too few questions"
@@ -455,7 +461,8 @@ def plot_bbq_bias(df: pd.DataFrame, stage_names: Mapping[int, str] | None = None
         part = df[(df.chain == chain) & (df.task == task)]
         cats = sorted(c for c in part["category"].unique() if c != "overall")
         cats += ["overall"] if (part["category"] == "overall").any() else []
-        for ax, (col, label) in zip(row, [("s_dis", "disambiguated s_DIS"), ("s_amb", "ambiguous s_AMB")]):
+        scores = [("s_dis", r"disambiguated $s_{\mathrm{DIS}}$"), ("s_amb", r"ambiguous $s_{\mathrm{AMB}}$")]
+        for ax, (col, label) in zip(row, scores):
             for k, s in enumerate(stages):
                 sub = part[part.stage == s].set_index("category").reindex(cats)
                 x = np.arange(len(cats)) + (k - (len(stages) - 1) / 2) * width
@@ -464,13 +471,16 @@ def plot_bbq_bias(df: pd.DataFrame, stage_names: Mapping[int, str] | None = None
                        linewidth=0.4, label=f"stage {s}" + (f": {name}" if name else ""), zorder=2,
                        yerr=_yerr(sub[col], _col(sub, f"{col}_ci_low"), _col(sub, f"{col}_ci_high")),
                        error_kw={"elinewidth": 0.6, "ecolor": "black", "capsize": 1})
+                for xi in x[sub[col].isna().to_numpy()]:  # undefined (e.g. every answer 'unknown'): say so
+                    ax.text(xi, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=5.5, color="#555555")
             _zero_line(ax)
             ax.set_xticks(range(len(cats)), [_pretty(c) for c in cats], rotation=35, ha="right",
                           rotation_mode="anchor")
             ax.set_ylabel(f"{label} (bias score)")
             ax.set_ylim(min(-10, ax.get_ylim()[0]), max(10, ax.get_ylim()[1]))
             ax.set_title(f"{chain}: {task}", loc="left")
-    axes[0, 1].legend(loc="lower right", bbox_to_anchor=(1, 1.08), ncols=min(len(stages), 3))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(stages), 4), title="model after")
     return fig
 
 
@@ -483,7 +493,7 @@ def plot_curvature(df: pd.DataFrame, points: pd.DataFrame | None = None) -> Figu
     """
     df = df.reset_index(drop=True)
     x = np.arange(len(df))
-    fig = _figure(max(SINGLE, 0.7 * len(df) + 1.2), 2.6)
+    fig = _figure(min(DOUBLE, max(SINGLE, 0.7 * len(df) + 1.2)), 2.6)
     ax = fig.add_subplot()
     ax.bar(x, df["lambda_max"], width=0.6, color=[_colour_of_kind(t) for t in df["task"]], edgecolor="black",
            linewidth=0.5, alpha=0.85, zorder=2,
@@ -497,7 +507,7 @@ def plot_curvature(df: pd.DataFrame, points: pd.DataFrame | None = None) -> Figu
     labels = [f"{_pretty(r.task)}\n({r.chain}, stage {r.stage})" for r in df.itertuples()]
     ax.set_xticks(x, labels, rotation=20 if len(df) > 3 else 0, ha="right" if len(df) > 3 else "center",
                   rotation_mode="anchor")
-    ax.set_ylabel("Hessian λ_max after the stage")
+    ax.set_ylabel(r"Hessian $\lambda_{\max}$ after the stage")
     _zero_line(ax)
     return fig
 
@@ -540,11 +550,12 @@ def plot_curvature_vs_forgetting(points: pd.DataFrame, corr: pd.DataFrame | None
         xs = np.linspace(points["lambda_max"].min(), points["lambda_max"].max(), 50)
         if _finite(row.get("slope")) and _finite(row.get("intercept")):
             ax.plot(xs, row["slope"] * xs + row["intercept"], color="black", linewidth=1.0, zorder=2,
-                    label=f"least squares: r = {row['pearson_r']:.2f}, p = {row['pearson_p']:.2g} (n = {int(row['n'])})")
+                    label=f"least squares: r = {row['pearson_r']:.2f}, p = {row['pearson_p']:.2g} "
+                          f"(n = {int(row['n'])})")
         else:
             note = str(row.get("note") or "undefined").removeprefix("undefined: ")
             ax.plot([], [], color="black", linewidth=1.0, label=f"r undefined ({note}; n = {int(row.get('n', 0))})")
-        ax.set_xlabel("Hessian λ_max after the first stage")
+        ax.set_xlabel(r"Hessian $\lambda_{\max}$ after the first stage")
         ax.set_ylabel(label)
         ax.axhline(0, color=GREY, linewidth=0.5, zorder=1)
         ax.legend(loc="upper left", bbox_to_anchor=(0, -0.22), ncols=1, borderaxespad=0)
@@ -578,7 +589,8 @@ def plot_lr_forgetting(df: pd.DataFrame) -> Figure:
         ax.set_xlabel("first-stage learning rate")
         ax.set_ylabel(label)
         _zero_line(ax)
-    axes[0].legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncols=min(len(routes), 3), title="chain (route)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(routes), 4), title="chain (stage tasks)")
     return fig
 
 
@@ -600,8 +612,9 @@ def plot_replay(df: pd.DataFrame, threshold: float = 0.9) -> Figure:
         _zero_line(ax)
     axes[0].axhline(100 * threshold, color=GREY, linestyle="--", linewidth=0.8,
                     label=f"{100 * threshold:.0f}% recovery")
-    axes[0].legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncols=min(len(pairs) + 1, 3),
-                   title="safety / capability task")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(pairs) + 1, 4),
+               title="replayed safety task / capability task of the stage")
     return fig
 
 
@@ -651,25 +664,59 @@ def plot_training_curves(df: pd.DataFrame, ncols: int = 2) -> Figure:
 
 
 # ---------------------------------------------------------------------------------------------------- tables
-def _display(df: pd.DataFrame) -> pd.DataFrame:
-    """Compact, rounded copy for Markdown/HTML: 'x [ci_low, ci_high]' columns, std/notes dropped, floats 2 d.p."""
-    from chaintune.cli import compact
+def _number(v: Any, col: str = "") -> str:
+    if v is None or (isinstance(v, (float, np.floating)) and math.isnan(v)):
+        return "—"
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        if col.endswith("_p") or "p_value" in col:
+            return f"{v:.2g}"
+        return f"{v:.4g}" if abs(v) >= 1000 or (v != 0 and abs(v) < 0.01) else f"{v:.2f}"
+    return str(v)
 
-    out = compact(df) if any(c.endswith("_ci_low") or c == "ci_low" for c in df.columns) else df.copy()
 
-    def fmt(col: str, v: Any) -> Any:
-        if isinstance(v, (float, np.floating)):
-            if math.isnan(v):
-                return "—"
-            if col.endswith("_p") or "p_value" in col or col == "pearson_p":
-                return f"{v:.2g}"
-            return f"{v:.4g}" if abs(v) >= 1000 or (v != 0 and abs(v) < 0.01) else f"{v:.2f}"
-        return "—" if v is None else v
+def _display(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """A compact, rounded copy for Markdown/HTML, and the names of its numeric columns (right-aligned).
 
-    for col in out.columns:
-        if out[col].dtype.kind == "f" or out[col].dtype == object:
-            out[col] = [fmt(str(col), v) for v in out[col]]
-    return out
+    `X` with `X_ci_low` / `X_ci_high` becomes one column 'X [low, high]' (likewise `difference` with `ci_low` /
+    `ci_high`); `X_std` is dropped where `X` is shown (but a metric such as `BF_std` is kept); floats get 2 decimals
+    (p-values 2 significant digits); NaN shows as '—'.
+    """
+    out, numeric, drop = {}, [], set()
+    for col in df.columns:
+        if col in drop:
+            continue
+        lo, hi = f"{col}_ci_low", f"{col}_ci_high"
+        if col == "difference" and {"ci_low", "ci_high"} <= set(df.columns):
+            lo, hi = "ci_low", "ci_high"
+        if lo in df.columns and hi in df.columns:
+            out[col] = [_number(v) if _number(a) == "—" else f"{_number(v)} [{_number(a)}, {_number(b)}]"
+                        for v, a, b in zip(df[col], df[lo], df[hi])]
+            drop |= {lo, hi, f"{col}_std"}
+        else:
+            out[col] = [_number(v, str(col)) for v in df[col]]
+        if df[col].dtype.kind in "fiub":
+            numeric.append(col)
+    kept = [c for c in df.columns if c not in drop]
+    shown = pd.DataFrame({c: out[c] for c in kept}, columns=kept)
+    return shown, [c for c in numeric if c in kept]
+
+
+def _md_table(df: pd.DataFrame, numeric: Sequence[str]) -> str:
+    return df.to_markdown(index=False, disable_numparse=True,
+                          colalign=["right" if c in numeric else "left" for c in df.columns])
+
+
+def _html_table(df: pd.DataFrame, numeric: Sequence[str]) -> str:
+    esc = html.escape
+    cls = {c: ' class="n"' if c in numeric else "" for c in df.columns}
+    head = "".join(f"<th{cls[c]}>{esc(str(c))}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td{cls[c]}>{esc(str(v))}</td>" for c, v in zip(df.columns, row)) + "</tr>"
+                   for row in df.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 @dataclass
@@ -680,6 +727,7 @@ class _Item:
     png: bytes = b""
     width_in: float = 0.0
     table: pd.DataFrame | None = None
+    numeric: list[str] = field(default_factory=list)
     text: str = ""
 
 
@@ -726,10 +774,10 @@ class _Builder:
 
     def table(self, section: _Section, name: str, df: pd.DataFrame, caption: str) -> None:
         name = self._name(name, "table")
-        shown = _display(df)
+        shown, numeric = _display(df)
         write_text(self.out_dir / "tables" / f"{name}.csv", df.to_csv(index=False))
-        write_text(self.out_dir / "tables" / f"{name}.md", f"{caption}\n\n{shown.to_markdown(index=False)}\n")
-        section.items.append(_Item("table", name, caption, table=shown))
+        write_text(self.out_dir / "tables" / f"{name}.md", f"{caption}\n\n{_md_table(shown, numeric)}\n")
+        section.items.append(_Item("table", name, caption, table=shown, numeric=numeric))
 
     def text(self, section: _Section, text: str) -> None:
         section.items.append(_Item("text", text=text))
@@ -793,7 +841,7 @@ def _ci_note(tables: Mapping[str, pd.DataFrame], key: str) -> str:
             "One seed: no interval over seeds (run more seeds for error bars).")
 
 
-def _overview(b: _Builder, exp: _Experiment, tag: str) -> None:
+def _overview(b: _Builder, exp: _Experiment, tag: str, prefix: str) -> None:
     sec = b.section(f"Overview{tag}")
     t, res = exp.tables, exp.results
     routes = chain_tasks(res)
@@ -805,23 +853,23 @@ def _overview(b: _Builder, exp: _Experiment, tag: str) -> None:
                 "RF = 100·F / R[s][A] (%).")
     mats = accuracy_matrices(res)
     if mats:
-        b.figure(sec, f"{tag}accuracy_matrix", plot_accuracy_matrices(mats),
+        b.figure(sec, f"{prefix}accuracy_matrix", plot_accuracy_matrices(mats),
                  "Accuracy matrix R[s][t] per chain (mean over seeds, pp): rows = the model after each stage "
                  "(0 = base), columns = evaluated tasks.")
         long = pd.concat([R.reset_index().assign(chain=c) for c, R in mats.items()], ignore_index=True)
-        b.table(sec, f"{tag}accuracy_matrix", long[["chain"] + [c for c in long.columns if c != "chain"]],
+        b.table(sec, f"{prefix}accuracy_matrix", long[["chain"] + [c for c in long.columns if c != "chain"]],
                 "Accuracy matrix (mean over seeds, pp).")
     if "learning_gain" in t:
-        b.table(sec, f"{tag}learning_gain", t["learning_gain"],
+        b.table(sec, f"{prefix}learning_gain", t["learning_gain"],
                 "Learning gain G = R[s][t_s] − R[s−1][t_s] of each stage on its own task (pp; should be > 1).")
     if "forgetting" in t:
-        b.figure(sec, f"{tag}forgetting", plot_forgetting(t["forgetting"], routes),
+        b.figure(sec, f"{prefix}forgetting", plot_forgetting(t["forgetting"], routes),
                  "Forgetting F (pp) and relative forgetting RF (%) of the earlier task after the last stage, both "
                  f"orders of every task pair side by side. {_ci_note(t, 'forgetting')}")
-        b.table(sec, f"{tag}forgetting", t["forgetting"], "Forgetting F (pp) and relative forgetting RF (%), mean "
+        b.table(sec, f"{prefix}forgetting", t["forgetting"], "Forgetting F (pp) and relative forgetting RF (%), mean "
                 "over seeds [95% CI].")
     if "order_asymmetry" in t and not t["order_asymmetry"].empty:
-        b.table(sec, f"{tag}order_asymmetry", t["order_asymmetry"],
+        b.table(sec, f"{prefix}order_asymmetry", t["order_asymmetry"],
                 "Order asymmetry: RF(A→B) vs RF(B→A), difference [95% Welch CI] and Welch t-test p.")
     notes = []
     for path in sorted(exp.path.glob("runs/*/metrics.json")):
@@ -832,7 +880,7 @@ def _overview(b: _Builder, exp: _Experiment, tag: str) -> None:
         b.text(sec, "Warnings from the metrics:<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in shown) + "</ul>")
 
 
-def _groups(b: _Builder, exp: _Experiment, tag: str) -> None:
+def _groups(b: _Builder, exp: _Experiment, tag: str, prefix: str) -> None:
     t = exp.tables
     if "group_forgetting" not in t and "biased_forgetting" not in t:
         return
@@ -841,20 +889,20 @@ def _groups(b: _Builder, exp: _Experiment, tag: str) -> None:
     if "group_forgetting" in t:
         g = t["group_forgetting"]
         for (chain, task), part in g.groupby(["chain", "task"], sort=False):
-            b.figure(sec, f"{tag}group_forgetting_{chain}_{task}", plot_group_forgetting(part, min_size),
+            b.figure(sec, f"{prefix}group_forgetting_{chain}_{task}", plot_group_forgetting(part, min_size),
                      f"{chain}: forgetting F_g (pp) of every {task} group; dashed = task-average F, so a bar above "
                      f"it is forgotten more than the task (BF_g = F_g − F > 0). Hatched grey = fewer than "
                      f"{min_size or 'min_group_size'} test questions: shown, but left out of the BF summaries. "
                      f"{_ci_note(t, 'group_forgetting')}")
-        b.table(sec, f"{tag}group_forgetting", g, "Per-group forgetting F_g and biased forgetting BF_g = F_g − F (pp), "
-                "mean over seeds [95% CI]; included = counted in the summaries.")
+        b.table(sec, f"{prefix}group_forgetting", g, "Per-group forgetting F_g and biased forgetting BF_g = F_g − F "
+                "(pp), mean over seeds [95% CI]; included = counted in the summaries.")
     if "biased_forgetting" in t:
-        b.table(sec, f"{tag}biased_forgetting", t["biased_forgetting"],
+        b.table(sec, f"{prefix}biased_forgetting", t["biased_forgetting"],
                 "Biased-forgetting summaries over included groups: BF_max = max |BF_g|, BF_spread = max F_g − "
                 "min F_g, BF_std (pp); '—' when no group is large enough.")
 
 
-def _bbq(b: _Builder, exp: _Experiment, tag: str) -> None:
+def _bbq(b: _Builder, exp: _Experiment, tag: str, prefix: str) -> None:
     df = exp.tables.get("bbq_bias")
     if df is None or df.empty:
         return
@@ -862,30 +910,30 @@ def _bbq(b: _Builder, exp: _Experiment, tag: str) -> None:
     overall = _overall(exp.results)
     for (chain, task), part in df.groupby(["chain", "task"], sort=False):
         names = dict(overall[overall.chain == chain].drop_duplicates("stage")[["stage", "stage_name"]].values)
-        b.figure(sec, f"{tag}bbq_bias_{chain}_{task}", plot_bbq_bias(part, {int(k): v for k, v in names.items()}),
-                 f"{chain}: {task} bias scores per category after each stage (−100…100; 0 = unbiased, > 0 = answers "
-                 f"follow the stereotype). {_ci_note(exp.tables, 'bbq_bias')}")
-    b.table(sec, f"{tag}bbq_bias", df, "BBQ bias scores s_DIS and s_AMB per stage and category, mean over seeds "
+        b.figure(sec, f"{prefix}bbq_bias_{chain}_{task}", plot_bbq_bias(part, {int(k): v for k, v in names.items()}),
+                 f"{chain}: {task} bias scores per category after each stage (−100…100; 0 = unbiased, > 0 = "
+                 f"answers follow the stereotype). {_ci_note(exp.tables, 'bbq_bias')}")
+    b.table(sec, f"{prefix}bbq_bias", df, "BBQ bias scores s_DIS and s_AMB per stage and category, mean over seeds "
             "[95% CI].")
 
 
-def _curvature(b: _Builder, exp: _Experiment, tag: str) -> None:
+def _curvature(b: _Builder, exp: _Experiment, tag: str, prefix: str) -> None:
     t = exp.tables
     if "curvature" not in t:
         return
     sec = b.section(f"Curvature{tag}")
     points = t.get("curvature_points")
-    b.figure(sec, f"{tag}curvature", plot_curvature(t["curvature"], points),
+    b.figure(sec, f"{prefix}curvature", plot_curvature(t["curvature"], points),
              f"Largest Hessian eigenvalue λ_max of the stage's training loss after the stage (dots: seeds). "
              f"{_ci_note(t, 'curvature')}")
-    b.table(sec, f"{tag}curvature", t["curvature"], "λ_max after the stage, mean over seeds [95% CI].")
+    b.table(sec, f"{prefix}curvature", t["curvature"], "λ_max after the stage, mean over seeds [95% CI].")
     if points is not None and not points.empty:
         corr = t.get("curvature_vs_forgetting")
-        b.figure(sec, f"{tag}curvature_vs_forgetting", plot_curvature_vs_forgetting(points, corr),
+        b.figure(sec, f"{prefix}curvature_vs_forgetting", plot_curvature_vs_forgetting(points, corr),
                  "Curvature after the first stage vs later forgetting of that stage's task, one point per run, with "
                  "the least-squares line over all runs (Pearson r, p in the legend).")
         if corr is not None and not corr.empty:
-            b.table(sec, f"{tag}curvature_vs_forgetting", corr, "Correlation of λ_max with forgetting over runs "
+            b.table(sec, f"{prefix}curvature_vs_forgetting", corr, "Correlation of λ_max with forgetting over runs "
                     "(Pearson r, Spearman ρ, R² of the least-squares line, p-values).")
 
 
@@ -911,14 +959,14 @@ def _sweeps(b: _Builder, exps: Sequence[_Experiment]) -> None:
     if not rp.empty:
         cols = (["experiment"] if many else []) + list(rp.columns.drop("experiment"))
         b.figure(sec, "replay", plot_replay(rp),
-                 "Replay: recovery = (R[r][S] − R[r−1][S]) / (R[s_S][S] − R[r−1][S]) (% of the forgetting undone) and "
-                 "capability cost = R[r−1][C] − R[r][C] (pp) vs the replay fraction f (mean over seeds, 95% CI).")
+                 "Replay: recovery = (R[r][S] − R[r−1][S]) / (R[s_S][S] − R[r−1][S]) (% of the forgetting undone) "
+                 "and capability cost = R[r−1][C] − R[r][C] (pp) vs the replay fraction f (mean over seeds, 95% CI).")
         from chaintune.metrics import smallest_recovering_fraction
 
         rows = []
         for (s, c), part in rp.groupby(["safety_task", "capability_task"], sort=False):
-            rec = _mean_ci(part, ["fraction"], "recovery").rename(columns={"mean": "recovery", "ci_low":
-                                                                          "recovery_ci_low", "ci_high": "recovery_ci_high"})
+            rec = _mean_ci(part, ["fraction"], "recovery").rename(columns={
+                "mean": "recovery", "ci_low": "recovery_ci_low", "ci_high": "recovery_ci_high"})
             cost = _mean_ci(part, ["fraction"], "capability_cost").rename(columns={
                 "mean": "capability_cost", "ci_low": "capability_cost_ci_low", "ci_high": "capability_cost_ci_high"})
             merged = rec.drop(columns=["note", "std"]).merge(cost.drop(columns=["note", "std", "n"]), on="fraction")
@@ -956,11 +1004,11 @@ def _seconds(v: float) -> str:
     return f"{v:.0f} s" if v < 120 else f"{v / 60:.1f} min" if v < 7200 else f"{v / 3600:.1f} h"
 
 
-def _training(b: _Builder, exp: _Experiment, tag: str) -> None:
+def _training(b: _Builder, exp: _Experiment, tag: str, prefix: str) -> None:
     sec = b.section(f"Training and run metadata{tag}")
     curves = training_curves(exp.path)
     if not curves.empty:
-        b.figure(sec, f"{tag}training_curves", plot_training_curves(curves),
+        b.figure(sec, f"{prefix}training_curves", plot_training_curves(curves),
                  "Training loss per optimizer step (mean cross-entropy over answer tokens); stages end to end, one "
                  "line per seed.")
     cfg, env = exp.config, exp.environment
@@ -982,14 +1030,16 @@ def _training(b: _Builder, exp: _Experiment, tag: str) -> None:
         meta["wall time"] = (f"{_seconds(sum(total.values()))} (training {_seconds(total.get('train_s', 0))}, "
                              f"evaluation {_seconds(total.get('eval_s', 0))}, curvature "
                              f"{_seconds(total.get('curvature_s', 0))}; each shared stage counted once)")
-    b.table(sec, f"{tag}run_metadata", pd.DataFrame({"key": list(meta), "value": [str(v) for v in meta.values()]}),
+    b.table(sec, f"{prefix}run_metadata", pd.DataFrame({"key": list(meta), "value": [str(v) for v in meta.values()]}),
             "Run metadata (experiment.yaml, environment.json, stages/*/node.json).")
     if not nodes.empty:
-        b.table(sec, f"{tag}stages", nodes, "Trained stages (shared prefixes trained once): examples, steps, tokens, "
-                "seconds spent training, evaluating and measuring curvature.")
+        b.table(sec, f"{prefix}stages", nodes, "Trained stages (shared prefixes trained once): examples, steps, "
+                "tokens, seconds spent training, evaluating and measuring curvature.")
 
 
 # ---------------------------------------------------------------------------------------------------- rendering
+PX_PER_INCH = 130  # on-screen size of the figures: 7 in → 910 px, 8 pt text → ~14 px
+
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Arial,sans-serif;font-size:15px;line-height:1.45;
 color:#222;max-width:1040px;margin:0 auto;padding:24px 28px 60px;background:#fff}
@@ -998,8 +1048,9 @@ margin-top:2.2em}.meta{color:#555;font-size:.9em}nav{background:#f6f7f9;border:1
 border-radius:4px;font-size:.92em}nav ol{margin:.3em 0;padding-left:1.4em}figure{margin:1.4em 0}
 figure img{max-width:100%;height:auto;display:block;border:1px solid #eee}figcaption,.caption{font-size:.88em;
 color:#444;margin-top:.35em}table{border-collapse:collapse;font-size:.8em;margin:.4em 0 1.2em;display:block;
-overflow-x:auto;max-width:100%}th,td{border:1px solid #ddd;padding:2px 7px;text-align:right;white-space:nowrap}
-th{background:#f2f3f5}td:first-child,th:first-child{text-align:left}tr:nth-child(even) td{background:#fafbfc}
+overflow-x:auto;max-width:100%}th,td{border:1px solid #ddd;padding:2px 7px;text-align:left;white-space:nowrap}
+th{background:#f2f3f5}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+tr:nth-child(even) td{background:#fafbfc}
 details{margin:.4em 0 1.2em}summary{cursor:pointer;font-size:.88em;color:#333}
 """
 
@@ -1019,12 +1070,12 @@ def _html(b: _Builder, title: str, subtitle: str) -> str:
             elif it.kind == "figure":
                 data = base64.b64encode(it.png).decode("ascii")
                 parts.append(f'<figure id="fig-{it.name}"><img src="data:image/png;base64,{data}" '
-                             f'alt="{html.escape(it.name)}" style="width:{it.width_in * 100:.0f}px">'
+                             f'alt="{html.escape(it.name)}" style="width:{it.width_in * PX_PER_INCH:.0f}px">'
                              f"<figcaption><b>{html.escape(it.name)}</b>: {html.escape(it.caption)}</figcaption>"
                              "</figure>")
             else:
                 assert it.table is not None
-                table = it.table.to_html(index=False, border=0, na_rep="—", escape=True)
+                table = _html_table(it.table, it.numeric)
                 caption = f'<p class="caption"><b>{html.escape(it.name)}</b>: {html.escape(it.caption)}</p>'
                 if len(it.table) > 25:
                     table = (f"<details><summary>{len(it.table)} rows (click to show; also "
@@ -1035,7 +1086,7 @@ def _html(b: _Builder, title: str, subtitle: str) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _markdown(b: _Builder, title: str, subtitle: str, base: Path) -> str:
+def _markdown(b: _Builder, title: str, subtitle: str) -> str:
     lines = [f"# {title}", "", subtitle, ""]
     lines += [f"{i}. [{s.title}](#{s.anchor})" for i, s in enumerate(b.sections, start=1)] + [""]
     for s in b.sections:
@@ -1045,22 +1096,17 @@ def _markdown(b: _Builder, title: str, subtitle: str, base: Path) -> str:
                 text = re.sub(r"<li>", "\n- ", it.text)
                 lines += [html.unescape(re.sub(r"<[^>]+>", "", text)), ""]
             elif it.kind == "figure":
-                rel = Path("figures") / f"{it.name}.png"
-                try:
-                    rel = (b.out_dir / rel).relative_to(base)
-                except ValueError:
-                    rel = b.out_dir / rel
-                lines += [f"![{it.name}]({rel.as_posix()})", "", f"*{it.name}*: {it.caption}", ""]
+                lines += [f"![{it.name}](figures/{it.name}.png)", "", f"*{it.name}*: {it.caption}", ""]
             else:
                 assert it.table is not None
-                lines += [f"*{it.name}*: {it.caption}", "", it.table.to_markdown(index=False), ""]
+                lines += [f"*{it.name}*: {it.caption}", "", _md_table(it.table, it.numeric), ""]
     return "\n".join(lines) + "\n"
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = "html") -> Path:
     """Write the report of a finished experiment (or of a sweep folder holding several) and return its path.
 
-    `out`: the report file (default `<run_dir>/report/report.html`, or `report.md` for `fmt="md"`); figures go to
+    `out`: the report file, or a folder for `report.html` / `report.md` (default `<run_dir>/report/`); figures go to
     `<out's folder>/figures/` (PNG + PDF) and tables to `<out's folder>/tables/` (CSV + Markdown). `fmt="html"`
     embeds every figure as a base64 PNG (one self-contained file, no external resources); `fmt="md"` writes
     Markdown that references the PNG files. Every file is written atomically.
@@ -1069,21 +1115,25 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = 
         raise ChaintuneError(f"unknown report format '{fmt}'", "use --format html or --format md")
     run_dir = Path(run_dir)
     dirs = _experiment_dirs(run_dir)
-    out = Path(out) if out is not None else run_dir / "report" / f"report.{fmt}"
+    out = Path(out) if out is not None else run_dir / "report"
+    if out.is_dir() or not out.suffix:  # a folder: the report goes inside it
+        out = out / f"report.{fmt}"
     out_dir = out.parent
     exps = [_load(d) for d in dirs]
     b = _Builder(out_dir)
-    for e in exps:  # in a sweep, section titles (and so figure / table names) carry the experiment folder
-        tag = f" — {e.path.name}" if len(exps) > 1 else ""
+    def tags(e: _Experiment) -> tuple[str, str]:  # in a sweep, titles and file names carry the experiment folder
+        return (f" — {e.path.name}", f"{e.path.name}_") if len(exps) > 1 else ("", "")
+
+    for e in exps:
         for build in (_overview, _groups, _bbq, _curvature):
-            build(b, e, tag)
+            build(b, e, *tags(e))
     _sweeps(b, exps)
     for e in exps:
-        _training(b, e, f" — {e.path.name}" if len(exps) > 1 else "")
+        _training(b, e, *tags(e))
     title = f"chaintune report: {exps[0].name if len(exps) == 1 else run_dir.name}"
     subtitle = (f"{run_dir.resolve()} · {len(exps)} experiment(s) · generated "
                 f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} · {len(b.names['figure'])} figures "
                 f"(PNG + PDF in figures/), {len(b.names['table'])} tables (CSV + Markdown in tables/)")
-    text = _html(b, title, subtitle) if fmt == "html" else _markdown(b, title, subtitle, out_dir)
+    text = _html(b, title, subtitle) if fmt == "html" else _markdown(b, title, subtitle)
     write_text(out, text)
     return out
