@@ -20,7 +20,10 @@ one optimizer step of `train_stage` (batch = --micro-batch examples, the same me
 peak minus the RSS just before. torch's CPU allocator returns large blocks to the OS, so RSS follows tensor memory;
 tracemalloc does not see torch's allocations. Without clear_refs it falls back to the ru_maxrss delta.
 
+Needs `pip install pyhessian==0.1` (torch + numpy only). Set OMP_NUM_THREADS=1 on shared machines (--threads 1).
+
     python bench/curvature.py [--method lora|full] [--steps 4] [--examples 64] [--micro-batch 8] [--no-train]
+                              [--profile] [--skip lambda|pyhessian|memory]
 """
 from __future__ import annotations
 
@@ -54,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-iter", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (shared machines: keep 1)")
-    parser.add_argument("--skip", choices=["memory", "pyhessian"], action="append", default=[])
+    parser.add_argument("--skip", choices=["lambda", "pyhessian", "memory"], action="append", default=[],
+                        help="leave out a part (lambda: both λ_max computations)")
     parser.add_argument("--profile", action="store_true", help="time the phases of one micro-batch HVP")
     parser.add_argument("--memory-child", choices=["hvp", "train"], help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -79,9 +83,10 @@ def setup(args: argparse.Namespace, train: bool) -> tuple[Any, Any, list, Any]:
 
 
 def curvature_subset(examples: list, args: argparse.Namespace) -> list:
+    """The subset measure_curvature draws (same seed, grouping and salt)."""
     from chaintune.tasks.splits import subsample
 
-    return subsample(examples, args.examples, args.seed, group=lambda e: e.group, salt="curvature")  # = measure_curvature's
+    return subsample(examples, args.examples, args.seed, group=lambda e: e.group, salt="curvature")
 
 
 class AnswerLogits(torch.nn.Module):
@@ -134,6 +139,35 @@ def run_pyhessian(model, op, args: argparse.Namespace) -> dict[str, float]:
         seconds = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     return {"lambda_max": eigenvalues[0], "seconds": seconds, "hvps": criterion.calls / len(loader), "loss": loss}
+
+
+def compare(model, tokenizer, examples: list, op, args: argparse.Namespace) -> None:
+    """λ_max by chaintune's measure_curvature and by PyHessian; agreement and wall times."""
+    from chaintune.curvature import measure_curvature
+
+    start = time.perf_counter()
+    ours = measure_curvature(model, tokenizer, examples, n_examples=args.examples, seed=args.seed,
+                             micro_batch=args.micro_batch, tol=args.tol, max_iter=args.max_iter)
+    ours_seconds = time.perf_counter() - start
+    rows = {"chaintune": {"lambda_max": ours.lambda_max, "seconds": ours_seconds, "hvps": ours.hvp_calls,
+                          "loss": ours.loss}}
+    if "pyhessian" not in args.skip:
+        rows["pyhessian"] = run_pyhessian(model, op, args)
+    print(f"{'tool':<10} {'λ_max':>12} {'HVPs':>6} {'seconds':>9} {'s/HVP':>7} {'loss':>10}")
+    for tool, r in rows.items():
+        print(f"{tool:<10} {r['lambda_max']:>12.6f} {r['hvps']:>6.0f} {r['seconds']:>9.1f} "
+              f"{r['seconds'] / r['hvps']:>7.2f} {r['loss']:>10.6f}")
+    print(f"chaintune: {ours.iterations} power iterations, converged={ours.converged} (its seconds include "
+          f"subsetting, tokenization and one no-grad loss pass; PyHessian's only its eigenvalues() call)")
+    if "pyhessian" in rows:
+        ph = rows["pyhessian"]
+        rel = abs(ours.lambda_max - ph["lambda_max"]) / abs(ph["lambda_max"])
+        print(f"loss agreement: |Δ| = {abs(ours.loss - ph['loss']):.2e} (same loss and batches)")
+        print(f"λ_max relative difference: {rel:.3%} (target ≤ 2%) → {'OK' if rel <= 0.02 else 'MISS'}")
+        ratio = ph["seconds"] / ours_seconds
+        per_hvp = (ph["seconds"] / ph["hvps"]) / (ours_seconds / ours.hvp_calls)
+        print(f"time PyHessian / chaintune: {ratio:.2f}× (target ≥ 2×) → {'OK' if ratio >= 2 else 'MISS'}; "
+              f"per HVP: {per_hvp:.2f}×")
 
 
 def profile_hvp(model, op) -> None:
@@ -218,44 +252,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_child:
         memory_child(args)
         return
-    from chaintune.curvature import HessianOperator, eager_attention, measure_curvature
+    from chaintune.curvature import HessianOperator, eager_attention
 
     start = time.perf_counter()
     model, tokenizer, examples, cfg = setup(args, train=not args.no_train)
     train_seconds = time.perf_counter() - start
     subset = curvature_subset(examples, args)
 
-    start = time.perf_counter()
-    ours = measure_curvature(model, tokenizer, examples, n_examples=args.examples, seed=args.seed,
-                             micro_batch=args.micro_batch, tol=args.tol, max_iter=args.max_iter)
-    ours_seconds = time.perf_counter() - start
     with eager_attention(model):
         op = HessianOperator(model, tokenizer, subset, micro_batch=args.micro_batch)
-
     training = "no training" if args.no_train else f"{args.steps} steps × {args.micro_batch} ({train_seconds:.0f} s)"
     print(f"curvature — SmolLM2-135M fp32, {args.method} ({op.dim:,} trainable params), {training} on "
           f"{len(examples)} {args.task} train examples; λ_max over {len(subset)} examples, "
           f"{len(op.batches)} micro-batches of ≤{args.micro_batch}, {op.n_tokens} answer tokens; "
           f"tol {args.tol:g}, max_iter {args.max_iter}; CPU, torch threads {torch.get_num_threads()}")
-    rows = {"chaintune": {"lambda_max": ours.lambda_max, "seconds": ours_seconds, "hvps": ours.hvp_calls,
-                          "loss": ours.loss}}
-    if "pyhessian" not in args.skip:
-        rows["pyhessian"] = run_pyhessian(model, op, args)
-    print(f"{'tool':<10} {'λ_max':>12} {'HVPs':>6} {'seconds':>9} {'s/HVP':>7} {'loss':>10}")
-    for tool, r in rows.items():
-        print(f"{tool:<10} {r['lambda_max']:>12.6f} {r['hvps']:>6.0f} {r['seconds']:>9.1f} "
-              f"{r['seconds'] / r['hvps']:>7.2f} {r['loss']:>10.6f}")
-    print(f"chaintune: {ours.iterations} power iterations, converged={ours.converged} "
-          f"(measure_curvature also runs one no-grad loss pass)")
-    if "pyhessian" in rows:
-        ph = rows["pyhessian"]
-        rel = abs(ours.lambda_max - ph["lambda_max"]) / abs(ph["lambda_max"])
-        print(f"loss agreement: |Δ| = {abs(ours.loss - ph['loss']):.2e} (same loss and batches)")
-        print(f"λ_max relative difference: {rel:.3%} (target ≤ 2%) → {'OK' if rel <= 0.02 else 'MISS'}")
-        ratio = ph["seconds"] / ours_seconds
-        per_hvp = (ph["seconds"] / ph["hvps"]) / (ours_seconds / ours.hvp_calls)
-        print(f"time PyHessian / chaintune: {ratio:.2f}× (target ≥ 2×) → {'OK' if ratio >= 2 else 'MISS'}; "
-              f"per HVP: {per_hvp:.2f}×")
+    if "lambda" not in args.skip:
+        compare(model, tokenizer, examples, op, args)
     if args.profile:
         profile_hvp(model, op)
     if "memory" not in args.skip:
