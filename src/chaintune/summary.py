@@ -144,7 +144,14 @@ def summary_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
     if not forg.empty:
         f = _ci(forg, ["chain", "task", "trained_stage", "after_stage"], "F")
         rf = _ci(forg, ["chain", "task", "trained_stage", "after_stage"], "RF").drop(columns=["seeds"])
-        tables["forgetting"] = f.merge(rf, on=["chain", "task", "trained_stage", "after_stage"])
+        table = f.merge(rf, on=["chain", "task", "trained_stage", "after_stage"])
+        single = table.seeds == 1  # one seed: the CI of F is the paired bootstrap over test questions instead
+        if single.any():
+            keys = ["chain", "task", "trained_stage", "after_stage"]
+            boot = table[keys].merge(forg[keys + ["F_ci_low", "F_ci_high"]], on=keys, how="left")
+            for col in ("F_ci_low", "F_ci_high"):
+                table.loc[single, col] = boot.loc[single, col].to_numpy()
+        tables["forgetting"] = table
         tables["order_asymmetry"] = _order_asymmetry(runs, forg)
     groups = _flat(runs, "group_forgetting")
     if not groups.empty:
