@@ -23,7 +23,8 @@ def hf_trainer_throughput(model, tokenizer, data, args) -> tuple[float, float]:
                               max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
                               weight_decay=0.0, max_grad_norm=1.0, logging_steps=10_000, save_strategy="no",
                               report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
-                              group_by_length=args.hf_group_by_length, disable_tqdm=True, dataloader_num_workers=0)
+                              disable_tqdm=True, dataloader_num_workers=0,
+                              **({"train_sampling_strategy": "group_by_length"} if args.hf_group_by_length else {}))
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collator)
     seen = []
