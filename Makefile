@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python bench/lm_eval_parity.py
 	$(BIN)/python bench/eval_throughput.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/curvature.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -150,21 +150,25 @@ def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_exampl
     """λ_max (and optionally top-k eigenvalues and the trace) of the Hessian of the mean training loss over a
     seeded subset of `examples`, w.r.t. the model's trainable parameters, in fp32."""
     subset = subsample(list(examples), n_examples, seed, group=lambda e: e.group, salt="curvature")
-    dtypes = {p.dtype for p in model.parameters()}
-    if dtypes != {torch.float32}:
-        model = model.float()
+    original_dtype = next(model.parameters()).dtype
+    if {p.dtype for p in model.parameters()} != {torch.float32}:
+        model.float()  # HVPs in fp32 even when training used bf16; restored below
     start = time.perf_counter()
     was_training = model.training
     model.eval()
-    with eager_attention(model):
-        op = HessianOperator(model, tokenizer, subset, micro_batch=micro_batch)
-        lam, iters, converged = power_iteration(op, op.dim, op.device, seed, tol, max_iter)
-        result = Curvature(lam, iters, converged, n_examples=len(subset), n_parameters=op.dim, loss=op.loss())
-        if topk > 1:
-            result.topk = lanczos(op, op.dim, op.device, topk, seed=seed)
-        if trace:
-            result.trace, result.trace_std_error = hutchinson_trace(op, op.dim, op.device, trace_samples, seed)
-    model.train(was_training)
+    try:
+        with eager_attention(model):
+            op = HessianOperator(model, tokenizer, subset, micro_batch=micro_batch)
+            lam, iters, converged = power_iteration(op, op.dim, op.device, seed, tol, max_iter)
+            result = Curvature(lam, iters, converged, n_examples=len(subset), n_parameters=op.dim, loss=op.loss())
+            if topk > 1:
+                result.topk = lanczos(op, op.dim, op.device, topk, seed=seed)
+            if trace:
+                result.trace, result.trace_std_error = hutchinson_trace(op, op.dim, op.device, trace_samples, seed)
+    finally:
+        model.train(was_training)
+        if original_dtype != torch.float32:
+            model.to(original_dtype)
     result.seconds = time.perf_counter() - start
     result.hvp_calls = op.calls
     return result
