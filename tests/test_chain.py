@@ -82,7 +82,7 @@ def test_zero_learning_rate_gives_zero_forgetting(tmp_path, tiny_model_dir, real
 def test_same_seed_same_results_different_seed_differs(tmp_path, tiny_model_dir, real_data_dir):
     a = run(experiment(tmp_path / "a", tiny_model_dir, real_data_dir))
     b = run(experiment(tmp_path / "b", tiny_model_dir, real_data_dir))
-    c = run(experiment(tmp_path / "c", tiny_model_dir, real_data_dir, seeds=[1]))
+    run(experiment(tmp_path / "c", tiny_model_dir, real_data_dir, seeds=[1]))
     cols = ["stage", "eval_task", "group", "acc", "acc_norm"]
     pd.testing.assert_frame_equal(a[cols], b[cols])
     curve = lambda p, s: pd.read_csv(p / "out" / "runs" / f"tox_arc-seed{s}" / "train_curves.csv").loss  # noqa: E731

@@ -15,7 +15,6 @@ Layout of `output_dir`:
 """
 from __future__ import annotations
 
-import logging
 import random
 import shutil
 import time
@@ -32,12 +31,11 @@ from chaintune.evaluate import EvalResult, evaluate
 from chaintune.io import read_json, write_json, write_table, write_text
 from chaintune.models import load_model, pick_device, resolve_model_path
 from chaintune.provenance import data_file_hashes, environment, file_sha256
-from chaintune.tasks import Example, canonical_task_name, get_task, load_task, resolve_data_dir
+from chaintune.summary import OVERALL, replay_metrics, run_metrics
+from chaintune.tasks import Example, canonical_task_name, load_task, resolve_data_dir
 from chaintune.tasks.splits import stable_seed
 from chaintune.train import attach_lora, train_stage
 
-log = logging.getLogger("chaintune")
-OVERALL = "ALL"  # `group` value of whole-task rows in the results table
 
 
 @dataclass
@@ -352,7 +350,6 @@ def _stage_name(node: Node) -> str:
 
 def write_results(cfg: ExperimentConfig, out: Path, runs: list[Run], node_dir: Callable[[Node], Path]) -> pd.DataFrame:
     """Assemble per-run folders and the experiment's tidy results table from the node evaluations."""
-    from chaintune.summary import replay_metrics, run_metrics
 
     rows: list[dict[str, Any]] = []
     for run in runs:

@@ -38,6 +38,7 @@ from matplotlib.patches import Patch
 
 from chaintune.errors import ChaintuneError
 from chaintune.io import atomic_path, read_json, write_text
+from chaintune.summary import OVERALL
 
 __all__ = [
     "OKABE_ITO", "PALETTE", "KIND_COLOURS", "RC", "write_report", "accuracy_matrices", "chain_tasks",
@@ -46,7 +47,6 @@ __all__ = [
     "plot_lr_forgetting", "plot_replay", "plot_training_curves",
 ]
 
-OVERALL = "ALL"
 
 # ---------------------------------------------------------------------------------------------------------- style
 # Okabe & Ito (2008), "Color Universal Design": distinguishable with every common colour-vision deficiency.

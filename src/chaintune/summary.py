@@ -12,7 +12,7 @@ from chaintune import metrics as M
 from chaintune.errors import ChaintuneError
 from chaintune.io import read_json, write_table, write_text
 
-OVERALL = "ALL"
+OVERALL = "ALL"  # `group` value of whole-task rows in the results table
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
