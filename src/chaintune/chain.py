@@ -16,6 +16,7 @@ Layout of `output_dir`:
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch
 import yaml
 
 from chaintune.config import ExperimentConfig, Stage, TrainingConfig, config_hash
+from chaintune.errors import ChaintuneError
 from chaintune.evaluate import EvalResult, evaluate
 from chaintune.io import read_json, write_json, write_table, write_text
 from chaintune.models import load_model, pick_device, resolve_model_path
@@ -49,10 +51,11 @@ class Node:
     seed: int | None
     parent: "Node | None"
     children: list["Node"] = field(default_factory=list)
+    eval_tasks: list[str] = field(default_factory=list)  # union over the chains through this node
 
     @property
     def dirname(self) -> str:
-        return "base" if self.stage is None else f"s{self.index}-{self.stage.label}-seed{self.seed}-{self.key}"
+        return f"base-{self.key}" if self.stage is None else f"s{self.index}-{self.stage.label}-seed{self.seed}-{self.key}"
 
     def lineage(self) -> list["Node"]:
         node, path = self, []
@@ -67,19 +70,56 @@ class Run:
     chain: str
     seed: int
     nodes: list[Node]  # base first
+    variant: str = ""  # sweep point label, e.g. "lr=1e-05"; "" outside sweeps
+    eval_tasks: list[str] = field(default_factory=list)
 
     @property
     def run_id(self) -> str:
-        return f"{self.chain}-seed{self.seed}"
+        """Folder name under runs/: `<chain>-seed<k>`, plus the sweep point (e.g. `-lr1e-05`) in sweeps."""
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "", self.variant.replace(",", "-"))
+        return f"{self.chain}-seed{self.seed}" + (f"-{slug}" if slug else "")
+
+    @property
+    def display_chain(self) -> str:
+        """What summaries group seeds by: the chain, and the sweep point when there is one."""
+        return f"{self.chain} [{self.variant}]" if self.variant else self.chain
 
 
-def build_plan(cfg: ExperimentConfig) -> tuple[Node, list[Run], list[Node]]:
+def eval_spec(cfg: ExperimentConfig, task: str) -> dict[str, Any]:
+    """What determines a task's evaluation questions; stored with each result and checked before reusing it."""
+    return {"task": task, "eval_limit": cfg.task_settings(task).eval_limit, "data_seed": cfg.data_seed,
+            "split_seed": cfg.split_seed}
+
+
+def eval_done(path: Path, spec: dict[str, Any]) -> bool:
+    """True if `path` holds an evaluation with these settings; an evaluation with other settings is an error
+    (a changed eval_limit, data_seed or split_seed must not silently mix old and new questions)."""
+    if not path.is_file():
+        return False
+    stored = read_json(path).get("spec", spec)
+    if stored != spec:
+        raise ChaintuneError(f"{path} was evaluated with {stored}, but this config asks for {spec}",
+                             "use a new output_dir, or delete that eval folder to re-evaluate")
+    return True
+
+
+def run_identity(cfg: ExperimentConfig, run: Run) -> str:
+    """Stable id of a run: a hash of everything that determines its numbers (stages, seeds, evaluation)."""
+    return config_hash({"nodes": [n.key for n in run.nodes],
+                        "eval": [eval_spec(cfg, t) for t in run.eval_tasks],
+                        "curvature": cfg.curvature.model_dump() if cfg.curvature else None,
+                        "min_group_size": cfg.min_group_size})
+
+
+def build_plan(cfg: ExperimentConfig, variant: str = "") -> tuple[Node, list[Run], list[Node]]:
     """The base node, every (chain, seed) run, and the unique trained nodes in execution order (depth first)."""
     base = Node(config_hash({"model": cfg.model or "embedded"}), 0, None, None, None, None)
     nodes: dict[str, Node] = {}
     runs = []
     for seed in cfg.seeds:
         for chain in cfg.chains:
+            if chain.seeds is not None and seed not in chain.seeds:
+                continue
             parent, path = base, [base]
             for i, stage in enumerate(chain.stages, start=1):
                 training = stage.training(cfg.training)
@@ -94,7 +134,10 @@ def build_plan(cfg: ExperimentConfig) -> tuple[Node, list[Run], list[Node]]:
                     parent.children.append(nodes[key])
                 parent = nodes[key]
                 path.append(parent)
-            runs.append(Run(chain.name, seed, path))
+            tasks = cfg.chain_eval_tasks(chain)
+            for node in path:
+                node.eval_tasks += [t for t in tasks if t not in node.eval_tasks]
+            runs.append(Run(chain.name, seed, path, variant, tasks))
     return base, runs, list(nodes.values())
 
 
@@ -127,12 +170,14 @@ def stage_examples(cfg: ExperimentConfig, stage: Stage, seed: int) -> list[Examp
 class ChainRunner:
     """Runs (or resumes) an experiment; see the module docstring for what it writes."""
 
-    def __init__(self, cfg: ExperimentConfig, progress: bool = True, echo: Callable[[str], None] = print):
+    def __init__(self, cfg: ExperimentConfig, progress: bool = True, echo: Callable[[str], None] = print,
+                 variant: str = ""):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.progress = progress
         self.echo = echo
-        self.base, self.runs, self.nodes = build_plan(cfg)
+        self.base, self.runs, self.nodes = build_plan(cfg, variant)
+        self.node_by_key = {n.key: n for n in [self.base, *self.nodes]}
         self.device = pick_device(cfg.device)
         self.model = None
         self.tokenizer = None
@@ -204,16 +249,17 @@ class ChainRunner:
         return self._eval_sets[task]
 
     def evaluate_node(self, node: Node) -> None:
-        for task in self.cfg.evaluation_tasks():
+        for task in node.eval_tasks:
             path = self.eval_path(node, task)
-            if path.is_file():
+            spec = eval_spec(self.cfg, task)
+            if eval_done(path, spec):
                 continue
             self._materialize(node)
             t0 = time.perf_counter()
             result = evaluate(self.model, self.tokenizer, self.eval_set(task), task, progress=self.progress,
                               max_tokens=self.cfg.eval_max_tokens)
             write_table(path.with_suffix(".predictions.parquet"), predictions_frame(result))
-            summary = result.summary() | {"seconds": time.perf_counter() - t0}
+            summary = result.summary() | {"seconds": time.perf_counter() - t0, "spec": spec}
             write_json(path, summary)
             self.echo(f"  eval {node.dirname:<48} {task:<12} acc {result.acc:6.2f}  acc_norm {result.acc_norm:6.2f}"
                       f"  (n={result.n}, {summary['seconds']:.0f}s)")
@@ -296,7 +342,7 @@ class ChainRunner:
         if self.cfg.keep_checkpoints:
             return
         for node in self.nodes:
-            evals_done = all(self.eval_path(node, t).is_file() for t in self.cfg.evaluation_tasks())
+            evals_done = all(self.eval_path(node, t).is_file() for t in node.eval_tasks)
             curvature_done = (self.cfg.curvature is None or node.stage is None
                               or not self.cfg.curvature.wants(node.index, node.stage) or self.curvature_path(node).is_file())
             if evals_done and curvature_done and all(self.node_done(c) for c in node.children):
@@ -309,8 +355,6 @@ class ChainRunner:
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
-            from chaintune.errors import ChaintuneError
-
             raise ChaintuneError(f"cannot write to output_dir '{self.out}' ({exc.strerror})",
                                  "choose a writable output_dir (--set output_dir=...)") from None
         write_text(self.out / "experiment.yaml", yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
@@ -319,13 +363,17 @@ class ChainRunner:
             "data_dir": str(data_dir) if data_dir else None,
             "data_files": data_file_hashes(data_dir, [canonical_task_name(t) for t in self.cfg.all_tasks()])})
 
+    def preflight(self) -> None:
+        """Load every stage's training data and every evaluation set: missing splits fail before any training."""
+        for stage in {s.model_dump_json(): s for c in self.cfg.chains for s in c.stages}.values():
+            stage_examples(self.cfg, stage, self.cfg.seeds[0])
+        for task in self.cfg.evaluation_tasks():
+            self.eval_set(task)
+
     def run(self) -> pd.DataFrame:
         """Train and evaluate everything not done yet, then (re)write the run folders and the results table."""
         self.prepare_output()
-        for stage in {s.model_dump_json(): s for c in self.cfg.chains for s in c.stages}.values():
-            stage_examples(self.cfg, stage, self.cfg.seeds[0])  # fail fast on missing splits before any training
-        for task in self.cfg.evaluation_tasks():
-            self.eval_set(task)
+        self.preflight()
         started = time.perf_counter()
         self.evaluate_node(self.base)
         for node in self.nodes:
@@ -348,48 +396,49 @@ def _stage_name(node: Node) -> str:
     return "base" if node.stage is None else node.stage.label
 
 
+def write_run(cfg: ExperimentConfig, out: Path, run: Run, node_dir: Callable[[Node], Path]) -> list[dict[str, Any]]:
+    """Write one run's folder (runs/<run_id>/) from its nodes' evaluations; returns its rows of the results table."""
+    run_rows, preds, curves = [], [], []
+    for node in run.nodes:
+        for task in run.eval_tasks:
+            summary = read_json(node_dir(node) / "eval" / f"{task}.json")
+            common = {"experiment": cfg.name, "chain": run.display_chain, "seed": run.seed, "run_id": run.run_id,
+                      "variant": run.variant, "stage": node.index, "stage_name": _stage_name(node),
+                      "trained_task": node.stage.task if node.stage else None, "eval_task": task, "node": node.dirname}
+            run_rows.append(common | {"group": OVERALL, "n": summary["n"], "acc": summary["acc"],
+                                      "acc_norm": summary["acc_norm"]})
+            for group, g in summary["per_group"].items():
+                run_rows.append(common | {"group": group, "n": g["n"], "acc": g["acc"], "acc_norm": g["acc_norm"]})
+            p = pd.read_parquet(node_dir(node) / "eval" / f"{task}.predictions.parquet")
+            preds.append(p.assign(stage=node.index, eval_task=task))
+        curve = node_dir(node) / "train_curve.csv"
+        if node.stage is not None and curve.is_file():
+            curves.append(pd.read_csv(curve).assign(stage=node.index, task=node.stage.task))
+    run_df = pd.DataFrame(run_rows)
+    folder = out / "runs" / run.run_id
+    overall = run_df[run_df.group == OVERALL]
+    write_table(folder / "accuracy_matrix.csv",
+                overall.pivot(index=["stage", "stage_name"], columns="eval_task", values="acc").reset_index())
+    write_table(folder / "group_accuracy.csv", run_df[run_df.group != OVERALL][
+        ["stage", "stage_name", "eval_task", "group", "n", "acc", "acc_norm"]])
+    write_table(folder / "predictions.parquet", pd.concat(preds, ignore_index=True))
+    if curves:
+        write_table(folder / "train_curves.csv", pd.concat(curves, ignore_index=True))
+    curvature = [read_json(node_dir(n) / "curvature.json") for n in run.nodes
+                 if (node_dir(n) / "curvature.json").is_file()]
+    replay_stages = [{"stage": n.index, "task": n.stage.task, "replay_task": n.stage.replay.task,
+                      "fraction": n.stage.replay.fraction} for n in run.nodes if n.stage and n.stage.replay]
+    write_json(folder / "metrics.json", run_metrics(run_df, pd.concat(preds, ignore_index=True), cfg) |
+               {"curvature": curvature, "replay": replay_metrics(run_df, replay_stages)})
+    write_json(folder / "run.json", {"run_id": run.run_id, "id": run_identity(cfg, run), "chain": run.display_chain,
+                                     "base_chain": run.chain, "variant": run.variant, "seed": run.seed,
+                                     "stages": [n.dirname for n in run.nodes]})
+    return run_rows
+
+
 def write_results(cfg: ExperimentConfig, out: Path, runs: list[Run], node_dir: Callable[[Node], Path]) -> pd.DataFrame:
     """Assemble per-run folders and the experiment's tidy results table from the node evaluations."""
-
-    rows: list[dict[str, Any]] = []
-    for run in runs:
-        run_rows, preds, curves = [], [], []
-        for node in run.nodes:
-            for task in cfg.evaluation_tasks():
-                summary = read_json(node_dir(node) / "eval" / f"{task}.json")
-                common = {"experiment": cfg.name, "chain": run.chain, "seed": run.seed, "run_id": run.run_id,
-                          "stage": node.index, "stage_name": _stage_name(node),
-                          "trained_task": node.stage.task if node.stage else None, "eval_task": task,
-                          "node": node.dirname}
-                run_rows.append(common | {"group": OVERALL, "n": summary["n"], "acc": summary["acc"],
-                                          "acc_norm": summary["acc_norm"]})
-                for group, g in summary["per_group"].items():
-                    run_rows.append(common | {"group": group, "n": g["n"], "acc": g["acc"], "acc_norm": g["acc_norm"]})
-                p = pd.read_parquet(node_dir(node) / "eval" / f"{task}.predictions.parquet")
-                preds.append(p.assign(stage=node.index, eval_task=task))
-            curve = node_dir(node) / "train_curve.csv"
-            if node.stage is not None and curve.is_file():
-                curves.append(pd.read_csv(curve).assign(stage=node.index, task=node.stage.task))
-        run_df = pd.DataFrame(run_rows)
-        folder = out / "runs" / run.run_id
-        overall = run_df[run_df.group == OVERALL]
-        write_table(folder / "accuracy_matrix.csv",
-                    overall.pivot(index=["stage", "stage_name"], columns="eval_task", values="acc").reset_index())
-        write_table(folder / "group_accuracy.csv", run_df[run_df.group != OVERALL][
-            ["stage", "stage_name", "eval_task", "group", "n", "acc", "acc_norm"]])
-        write_table(folder / "predictions.parquet", pd.concat(preds, ignore_index=True))
-        if curves:
-            write_table(folder / "train_curves.csv", pd.concat(curves, ignore_index=True))
-        write_json(folder / "run.json", {"run_id": run.run_id, "chain": run.chain, "seed": run.seed,
-                                         "stages": [n.dirname for n in run.nodes]})
-        curvature = [read_json(node_dir(n) / "curvature.json") for n in run.nodes
-                     if (node_dir(n) / "curvature.json").is_file()]
-        replay_stages = [{"stage": n.index, "task": n.stage.task, "replay_task": n.stage.replay.task,
-                          "fraction": n.stage.replay.fraction} for n in run.nodes if n.stage and n.stage.replay]
-        write_json(folder / "metrics.json", run_metrics(run_df, pd.concat(preds, ignore_index=True), cfg) |
-                   {"curvature": curvature, "replay": replay_metrics(run_df, replay_stages)})
-        rows.extend(run_rows)
-    results = pd.DataFrame(rows)
+    results = pd.DataFrame([row for run in runs for row in write_run(cfg, out, run, node_dir)])
     write_table(out / "results.parquet", results)
     write_table(out / "results.csv", results)
     return results

@@ -1,4 +1,4 @@
-"""Command-line interface: `chaintune tasks | eval | curvature | run | summarize | report`."""
+"""Command-line interface: `chaintune tasks | eval | curvature | plan | run | summarize | report`."""
 from __future__ import annotations
 
 import argparse
@@ -101,17 +101,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from chaintune.chain import ChainRunner
-    from chaintune.config import load_config
+def _executor_overrides(args: argparse.Namespace) -> list[str]:
+    flags = {"kind": args.executor, "workers": args.workers, "address": args.address, "retries": args.retries}
+    return [f"executor.{k}={v}" for k, v in flags.items() if v is not None]
 
-    cfg = load_config(args.config, args.set)
-    runner = ChainRunner(cfg, progress=not args.no_progress, echo=_console().print)
-    _console().print(f"[bold]{cfg.name}[/]: {len(runner.runs)} runs, {len(runner.nodes)} stages to train "
-                     f"({sum(len(r.nodes) - 1 for r in runner.runs) - len(runner.nodes)} saved by prefix reuse) "
-                     f"→ {cfg.output_dir}")
-    runner.run()
-    return summarize(Path(cfg.output_dir))
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from chaintune.executors import make_executor
+    from chaintune.sweep import load_sweep, plan_sweep, run_sweep
+
+    points = load_sweep(args.config, args.set + _executor_overrides(args))
+    cfg, plan = points[0].cfg, plan_sweep(points)
+    trained = len(plan.trained_nodes)
+    _console().print(f"[bold]{cfg.name}[/]: {len(points)} sweep point(s), {len(plan.runs)} runs, {trained} stages to "
+                     f"train ({plan.stages_without_reuse - trained} saved by prefix reuse) → {cfg.output_dir}")
+    executor = make_executor(cfg.executor)
+    try:
+        outcome = run_sweep(points, executor, echo=_console().print, progress=not args.no_progress)
+    finally:
+        executor.shutdown()
+    if outcome.completed_runs:
+        summarize(Path(cfg.output_dir))
+    if outcome.failed or outcome.incomplete_runs:
+        _console().print(f"[red]{len(outcome.incomplete_runs)} run(s) incomplete[/]; failed jobs:")
+        for info in outcome.failed.values():
+            _console().print(f"  {info['node']} {info['point']}: {info['error']} (attempts: {info['attempts']})")
+        _console().print("rerun the same command to retry them; finished stages are kept")
+        return 1
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from chaintune.sweep import load_sweep, plan_status
+
+    points = load_sweep(args.config, args.set)
+    status = plan_status(points, args.tokens_per_second)
+    runs = status["runs"]
+    if not args.all and len(runs) > 40:
+        _console().print(f"(showing 40 of {len(runs)} runs; --all shows every run)")
+        runs = runs.head(40)
+    empty = [c for c in ("variant", "error") if not runs[c].any()]
+    print_frame(runs.drop(columns=empty), f"Runs of {points[0].cfg.name}")
+    saved = status["stages_without_reuse"] - status["stages_planned"]
+    lines = [
+        f"sweep points: {status['n_points']}   runs: {status['n_runs']}",
+        f"stages to train: {status['stages_planned']} (without prefix reuse: {status['stages_without_reuse']}; "
+        f"reuse saves {saved} = {100 * saved / max(status['stages_without_reuse'], 1):.1f}%)",
+        f"stages trained: {status['stages_done']}/{status['stages_planned']}   "
+        f"jobs pending: {status['jobs_pending']}/{status['jobs']}",
+    ]
+    est = status["estimate_seconds"]
+    lines.append("time left: " + (f"≈ {est / 3600:.1f} h ({est / 60:.0f} min), from throughput measured on this "
+                                  f"sweep's finished stages" if est is not None else
+                                  "unknown until a stage has finished (or pass --tokens-per-second)"))
+    for key, info in status["failed"].items():
+        lines.append(f"[red]failed[/] {info['node']} {info['point']}: {info['error']} (attempts: {info['attempts']})")
+    _console().print("\n".join(lines))
+    return 0
 
 
 def _load_for_cli(args: argparse.Namespace, trainable_adapter: bool = False):
@@ -243,12 +289,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the result as JSON")
     p.set_defaults(func=cmd_curvature, dtype="float32")
 
-    p = sub.add_parser("run", help="run (or resume) an experiment from a YAML config")
-    p.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set training.lr=1e-4 --set seeds=[0,1] (repeatable)")
+    def config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set training.lr=1e-4 --set seeds=[0,1] (repeatable)")
+
+    p = sub.add_parser("run", help="run (or resume) an experiment or sweep from a YAML config")
+    config_args(p)
+    p.add_argument("--executor", choices=["local", "ray"], help="where stage jobs run (default: config, else local)")
+    p.add_argument("--workers", type=int, help="local: parallel worker processes (one per GPU when GPUs exist)")
+    p.add_argument("--address", help="ray: cluster address, e.g. auto (default: start a local Ray instance)")
+    p.add_argument("--retries", type=int, help="re-runs of a failed stage job (default 1)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plan", help="list an experiment's or sweep's runs: done, failed, stage counts, time left")
+    config_args(p)
+    p.add_argument("--tokens-per-second", type=float, help="training throughput for the estimate before any "
+                                                          "stage has finished")
+    p.add_argument("--all", action="store_true", help="list every run (default: the first 40)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("summarize", help="print forgetting / biased-forgetting tables of a finished run")
     p.add_argument("run_dir", help="an experiment output_dir")

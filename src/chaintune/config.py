@@ -107,9 +107,51 @@ class CurvatureConfig(Strict):
                 or stage.label in self.after or stage.task in self.after)
 
 
+class SweepConfig(Strict):
+    """A grid over config keys (dotted paths, e.g. `training.lr`, `chains.0.stages.1.replay.fraction`).
+
+    `product` keys combine as a Cartesian product; each `zip` group's keys vary together (equal-length lists);
+    groups and product combine as a product. Every combination is one sweep point.
+    """
+
+    product: dict[str, list[Any]] = {}
+    zip: list[dict[str, list[Any]]] = []
+
+    @model_validator(mode="after")
+    def _check(self) -> "SweepConfig":
+        keys = list(self.product) + [k for group in self.zip for k in group]
+        for key in keys:
+            if not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", key):
+                raise ValueError(f"sweep key '{key}' is not a dotted path like training.lr")
+            if key.split(".")[0] in {"sweep", "executor", "output_dir", "name"}:
+                raise ValueError(f"sweep key '{key}' cannot be swept (one output_dir holds the whole sweep)")
+        if len(set(keys)) != len(keys):
+            raise ValueError("a sweep key appears twice")
+        for key, values in list(self.product.items()) + [kv for g in self.zip for kv in g.items()]:
+            if not values:
+                raise ValueError(f"sweep key '{key}' has no values")
+        for group in self.zip:
+            if len({len(v) for v in group.values()}) > 1:
+                raise ValueError(f"zip group {sorted(group)} has lists of different lengths")
+        return self
+
+
+class ExecutorConfig(Strict):
+    """Where stage jobs run: `local` (in this process, or N worker processes) or an existing/new `ray` cluster."""
+
+    kind: Literal["local", "ray"] = "local"
+    workers: int = Field(1, ge=1, description="local: concurrent worker processes (one per GPU when GPUs exist)")
+    retries: int = Field(1, ge=0, description="re-runs of a failed stage job (crash, OOM, NaN, killed worker)")
+    address: str | None = None  # ray: "auto" or "ray://host:10001"; None starts a local Ray instance
+    gpus_per_job: float | None = Field(None, ge=0, description="ray: GPUs per stage job (default 1 if CUDA)")
+    cpus_per_job: float = Field(1, gt=0)
+
+
 class Chain(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     stages: list[Stage] = Field(min_length=1)
+    seeds: list[int] | None = None  # a subset of the experiment's seeds (default: all of them)
+    eval_tasks: list[str] | None = None  # tasks scored after each stage of this chain (default: the experiment's)
 
 
 class ExperimentConfig(Strict):
@@ -132,6 +174,8 @@ class ExperimentConfig(Strict):
     curvature: CurvatureConfig | None = None
     eval_max_tokens: int = Field(1024, ge=64, description="tokens per evaluation forward pass")
     min_group_size: int = Field(30, ge=1)
+    sweep: SweepConfig | None = None
+    executor: ExecutorConfig = ExecutorConfig()
 
     @field_validator("seeds")
     @classmethod
@@ -152,6 +196,10 @@ class ExperimentConfig(Strict):
             raise ValueError(f"duplicate chain name(s) {sorted(dupes)}")
         for task in self.all_tasks():
             get_task(task)  # raises a ChaintuneError naming the known tasks
+        for chain in self.chains:
+            if chain.seeds is not None and not set(chain.seeds) <= set(self.seeds):
+                raise ValueError(f"chain '{chain.name}': seeds {chain.seeds} are not all in the experiment's seeds "
+                                 f"{self.seeds}")
         for c, chain in enumerate(self.chains):
             for i, stage in enumerate(chain.stages):
                 try:
@@ -167,11 +215,18 @@ class ExperimentConfig(Strict):
                 seen[stage.task] = None
                 if stage.replay:
                     seen[stage.replay.task] = None
-        for task in list(self.tasks) + list(self.eval_tasks or []):
+        for task in list(self.tasks) + list(self.eval_tasks or []) + [t for c in self.chains for t in c.eval_tasks or []]:
             seen[task] = None
         return list(seen)
 
     def evaluation_tasks(self) -> list[str]:
+        """Every task evaluated by some chain."""
+        seen = dict.fromkeys(t for c in self.chains for t in self.chain_eval_tasks(c))
+        return list(seen)
+
+    def chain_eval_tasks(self, chain: "Chain") -> list[str]:
+        if chain.eval_tasks is not None:
+            return list(chain.eval_tasks)
         return list(self.eval_tasks) if self.eval_tasks is not None else self.all_tasks()
 
     def task_settings(self, task: str) -> TaskSettings:
@@ -203,29 +258,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_path(data: dict[str, Any], path: list[str], value: Any, what: str) -> None:
+    """Set `data[path[0]][path[1]]… = value` (list items by index; missing mapping keys are created)."""
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            nxt = node[int(part)] if part.isdigit() and int(part) < len(node) else None
+        else:
+            nxt = node.get(part) if isinstance(node, dict) else None
+        if nxt is None:
+            nxt = {}
+            if isinstance(node, dict):
+                node[part] = nxt
+            else:
+                raise ConfigError(f"{what}: '{'.'.join(path[:i + 1])}' does not exist", "check the key path")
+        node = nxt
+    last = path[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"{what}: cannot set '{last}'", "check the key path")
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         path, value = parse_override(text)
-        node: Any = data
-        for i, part in enumerate(path[:-1]):
-            if isinstance(node, list):
-                nxt = node[int(part)] if part.isdigit() and int(part) < len(node) else None
-            else:
-                nxt = node.get(part) if isinstance(node, dict) else None
-            if nxt is None:
-                nxt = {}
-                if isinstance(node, dict):
-                    node[part] = nxt
-                else:
-                    raise ConfigError(f"override '{text}': '{'.'.join(path[:i + 1])}' does not exist", "check the key path")
-            node = nxt
-        last = path[-1]
-        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-            node[int(last)] = value
-        elif isinstance(node, dict):
-            node[last] = value
-        else:
-            raise ConfigError(f"override '{text}': cannot set '{last}'", "check the key path")
+        set_path(data, path, value, f"override '{text}'")
     return data
 
 
@@ -238,6 +298,11 @@ def validate_config(data: dict[str, Any], source: str = "config") -> ExperimentC
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML experiment (safe loader), apply `--set key=value` overrides, validate."""
+    return validate_config(read_config(path, overrides), str(path))
+
+
+def read_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The YAML mapping of an experiment (safe loader) with `--set` overrides applied, not yet validated."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist", "pass the path of a YAML file, e.g. configs/quickstart.yaml")
@@ -247,7 +312,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})", "fix the YAML syntax") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level", "see configs/quickstart.yaml")
-    return validate_config(apply_overrides(data, overrides or []), str(path))
+    return apply_overrides(data, overrides or [])
 
 
 def config_hash(obj: Any) -> str:

@@ -993,7 +993,7 @@ def _node_table(exp_dir: Path) -> pd.DataFrame:
                      "examples": meta.get("n_train_examples"), "steps": meta.get("steps"), "tokens": meta.get("tokens"),
                      "train_s": meta.get("train_seconds"), "tokens_per_s": meta.get("tokens_per_second"),
                      "eval_s": eval_s, "curvature_s": curv})
-    base_eval = sum(float(read_json(p).get("seconds", 0) or 0) for p in exp_dir.glob("stages/base/eval/*.json"))
+    base_eval = sum(float(read_json(p).get("seconds", 0) or 0) for p in exp_dir.glob("stages/base*/eval/*.json"))
     if rows or base_eval:
         rows.insert(0, {"node": "base", "task": None, "seed": None, "eval_s": base_eval})
     return pd.DataFrame(rows)

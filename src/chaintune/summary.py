@@ -222,15 +222,16 @@ def curvature_vs_forgetting(runs: list[dict[str, Any]]) -> tuple[pd.DataFrame, p
 
 def _order_asymmetry(runs: list[dict[str, Any]], forg: pd.DataFrame) -> pd.DataFrame:
     """For two-stage chains A→B and B→A: RF of A (when B follows) vs RF of B (when A follows), over seeds."""
-    pairs = {}
+    pairs, variants = {}, {}
     for r in runs:
         tasks = [g["task"] for g in r["metrics"].get("learning_gain", [])]
         if r["metrics"]["final_stage"] == 2 and len(tasks) == 2:
             pairs[r["chain"]] = tuple(tasks)
+            variants[r["chain"]] = r.get("variant", "")  # in a sweep, only compare runs of the same sweep point
     rows = []
     for chain_ab, (a, b) in pairs.items():
         for chain_ba, pair in pairs.items():
-            if pair == (b, a) and chain_ab < chain_ba:
+            if pair == (b, a) and chain_ab < chain_ba and variants[chain_ab] == variants[chain_ba]:
                 rf_ab = forg[(forg.chain == chain_ab) & (forg.task == a)].RF.to_numpy()
                 rf_ba = forg[(forg.chain == chain_ba) & (forg.task == b)].RF.to_numpy()
                 res = M.order_asymmetry(rf_ab, rf_ba)
