@@ -194,3 +194,33 @@ def test_replay_mixture_composition(tmp_path, tiny_model_dir, real_data_dir, fra
         counts = Counter(e.group for e in replayed).values()
         assert max(counts) - min(counts) <= 1
     assert stage_examples(cfg, cfg.chains[0].stages[0], seed=0) == mixed  # seeded
+
+
+def test_allocate_by_hand():
+    from chaintune.chain import allocate
+
+    assert allocate(10, {"a": 3.0, "b": 1.0, "c": 0.0}) == {"a": 8, "b": 2, "c": 0}  # 7.5, 2.5: tie → a
+    assert allocate(10, {"a": 3.0, "b": -2.0}) == {"a": 10, "b": 0}  # negative forgetting = none
+    assert allocate(5, {"a": 0.0, "b": 0.0, "c": 0.0}) == {"a": 2, "b": 2, "c": 1}  # nothing forgotten: equal
+
+
+def test_targeted_replay_follows_group_forgetting(tmp_path, tiny_model_dir, real_data_dir):
+    from chaintune.chain import ChainRunner, allocate
+    from chaintune.io import read_json
+
+    cfg = validate_config(experiment(tmp_path, tiny_model_dir, real_data_dir, chains=[{"name": "t", "stages": [
+        {"task": "toxigenqa"}, {"task": "arc_easy", "lr": 1e-2},
+        {"task": "arc_easy", "name": "targeted", "replay": {"task": "toxigenqa", "fraction": 0.5, "balance": "targeted"}}]}]))
+    runner = ChainRunner(cfg, progress=False, echo=lambda *_: None)
+    runner.run()
+    node = runner.nodes[-1]
+    before = read_json(runner.eval_path(runner.nodes[0], "toxigenqa"))["per_group"]
+    after = read_json(runner.eval_path(runner.nodes[1], "toxigenqa"))["per_group"]
+    forgetting = {g: before[g]["acc"] - after[g]["acc"] for g in before}
+    assert runner.replay_group_forgetting(node) == forgetting
+    expected = {g: k for g, k in allocate(16, forgetting).items() if k}  # f = 0.5 of 16 arc examples → 16 replayed
+    assert read_json(runner.node_dir(node) / "node.json")["replayed_per_group"] == dict(sorted(expected.items()))
+    with pytest.raises(Exception, match="no earlier stage trained on it"):
+        bad = validate_config(experiment(tmp_path / "b", tiny_model_dir, real_data_dir, chains=[{"name": "t", "stages": [
+            {"task": "arc_easy", "replay": {"task": "toxigenqa", "fraction": 0.5, "balance": "targeted"}}]}]))
+        ChainRunner(bad, progress=False, echo=lambda *_: None).run()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -141,11 +142,26 @@ def build_plan(cfg: ExperimentConfig, variant: str = "") -> tuple[Node, list[Run
     return base, runs, list(nodes.values())
 
 
-def stage_examples(cfg: ExperimentConfig, stage: Stage, seed: int) -> list[Example]:
+def allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """Split `total` items over groups in proportion to non-negative weights (largest remainder, ties by name);
+    equal shares when every weight is 0."""
+    names = sorted(weights)
+    w = {g: max(weights[g], 0.0) for g in names}
+    mass = sum(w.values())
+    share = {g: total * (w[g] / mass if mass > 0 else 1 / len(names)) for g in names}
+    quota = {g: int(share[g]) for g in names}
+    for g in sorted(names, key=lambda g: (-(share[g] - quota[g]), g))[:total - sum(quota.values())]:
+        quota[g] += 1
+    return quota
+
+
+def stage_examples(cfg: ExperimentConfig, stage: Stage, seed: int,
+                   group_forgetting: dict[str, float] | None = None) -> list[Example]:
     """Training examples of a stage: the task's train split (train_limit), plus replayed examples if configured.
 
     Replay with fraction f adds n_r = round(f·n/(1−f)) examples from the replayed task's *train* split, so that
-    n_r / (n_r + n) = f (SPEC.md §7); they are drawn seeded by the run seed.
+    n_r / (n_r + n) = f (SPEC.md §7); they are drawn seeded by the run seed. Group-balanced replay draws equal
+    numbers per group; targeted replay draws numbers proportional to `group_forgetting` (pp, clipped at 0).
     """
     data_dir = resolve_data_dir(cfg.data_dir)
     examples = load_task(stage.task, "train", data_dir, limit=cfg.task_settings(stage.task).train_limit,
@@ -154,17 +170,32 @@ def stage_examples(cfg: ExperimentConfig, stage: Stage, seed: int) -> list[Examp
         pool = load_task(stage.replay.task, "train", data_dir, split_seed=cfg.split_seed)
         n_replay = min(len(pool), round(stage.replay.fraction * len(examples) / (1 - stage.replay.fraction)))
         rng = random.Random(stable_seed("replay", seed, stage.replay.task, n_replay))
-        if stage.replay.balance == "groups":
+        if stage.replay.balance != "none":
             by_group: dict[str, list[Example]] = {}
             for ex in pool:
                 by_group.setdefault(str(ex.group), []).append(ex)
-            names = sorted(by_group)
-            quota = {g: n_replay // len(names) + (i < n_replay % len(names)) for i, g in enumerate(names)}
-            drawn = [ex for g in names for ex in rng.sample(by_group[g], min(quota[g], len(by_group[g])))]
+            if stage.replay.balance == "targeted":
+                if group_forgetting is None:
+                    raise ChaintuneError(f"targeted replay of {stage.replay.task} needs its per-group forgetting",
+                                         "run it inside a chain (ChainRunner) after a stage trained on that task")
+                weights = {g: group_forgetting.get(g, 0.0) for g in by_group}
+            else:
+                weights = {g: 1.0 for g in by_group}
+            quota = allocate(n_replay, weights)
+            drawn = [ex for g in sorted(by_group) for ex in rng.sample(by_group[g], min(quota[g], len(by_group[g])))]
         else:
             drawn = rng.sample(pool, n_replay)
         examples = examples + drawn
     return examples
+
+
+def replayed_per_group(cfg: ExperimentConfig, stage: Stage, examples: list[Example]) -> dict[str, int] | None:
+    """How many replayed examples of each group a stage's mixture holds (they follow the stage's own examples)."""
+    if stage.replay is None:
+        return None
+    n_own = len(load_task(stage.task, "train", resolve_data_dir(cfg.data_dir), limit=cfg.task_settings(stage.task)
+                          .train_limit, seed=cfg.data_seed, split_seed=cfg.split_seed))
+    return dict(sorted(Counter(str(e.group) for e in examples[n_own:]).items()))
 
 
 class ChainRunner:
@@ -264,6 +295,28 @@ class ChainRunner:
             self.echo(f"  eval {node.dirname:<48} {task:<12} acc {result.acc:6.2f}  acc_norm {result.acc_norm:6.2f}"
                       f"  (n={result.n}, {summary['seconds']:.0f}s)")
 
+    def replay_group_forgetting(self, node: Node) -> dict[str, float]:
+        """Per-group forgetting (pp) of the node's replayed task: accuracy after the last stage that trained it minus
+        accuracy after the node's parent (from their stored evaluations)."""
+        assert node.stage is not None and node.stage.replay is not None and node.parent is not None
+        task = canonical_task_name(node.stage.replay.task)
+        trained = [n for n in node.lineage()[1:-1] if canonical_task_name(n.stage.task) == task]
+        if not trained:
+            raise ChaintuneError(f"targeted replay of {task} in stage {node.index} has no earlier stage trained on it",
+                                 "use balance: groups, or train that task earlier in the chain")
+        paths = [self.eval_path(trained[-1], task), self.eval_path(node.parent, task)]
+        if not all(p.is_file() for p in paths):
+            raise ChaintuneError(f"targeted replay of {task} needs its evaluation after stages {trained[-1].index} "
+                                 f"and {node.parent.index}", f"add {task} to the chain's eval_tasks")
+        before, after = (read_json(p)["per_group"] for p in paths)
+        return {g: before[g]["acc"] - after[g]["acc"] for g in before if g in after}
+
+    def node_examples(self, node: Node) -> list[Example]:
+        assert node.stage is not None and node.seed is not None
+        targeted = node.stage.replay is not None and node.stage.replay.balance == "targeted"
+        return stage_examples(self.cfg, node.stage, node.seed,
+                              self.replay_group_forgetting(node) if targeted else None)
+
     def train_node(self, node: Node) -> None:
         assert node.stage is not None and node.training is not None and node.seed is not None
         folder = self.node_dir(node)
@@ -274,7 +327,7 @@ class ChainRunner:
             (folder / "node.json").unlink()
             shutil.rmtree(folder / "eval", ignore_errors=True)
         self._materialize(node.parent)
-        examples = stage_examples(self.cfg, node.stage, node.seed)
+        examples = self.node_examples(node)
         if node.training.method == "lora":
             self.model = attach_lora(self.model, node.training, node.seed)
         self.loaded_key = None  # weights are about to change
@@ -300,6 +353,7 @@ class ChainRunner:
             "status": "done", "key": node.key, "index": node.index, "task": node.stage.task,
             "stage": node.stage.model_dump(), "training": node.training.model_dump(), "seed": node.seed,
             "parent": node.parent.dirname if node.parent else None, "n_train_examples": len(examples),
+            "replayed_per_group": replayed_per_group(self.cfg, node.stage, examples),
             "steps": result.steps, "tokens": result.tokens, "train_seconds": result.seconds,
             "tokens_per_second": result.tokens / max(result.seconds, 1e-9), "checkpoint_sha256": digests})
         shutil.rmtree(work, ignore_errors=True)
@@ -327,7 +381,7 @@ class ChainRunner:
         else:
             self._materialize(node)
             model = self.model.requires_grad_(True)
-        result = measure_curvature(model, self.tokenizer, stage_examples(self.cfg, node.stage, node.seed),
+        result = measure_curvature(model, self.tokenizer, self.node_examples(node),
                                    n_examples=cc.examples, seed=node.seed, topk=cc.topk, trace=cc.trace,
                                    trace_samples=cc.trace_samples, micro_batch=cc.micro_batch, tol=cc.tol,
                                    max_iter=cc.max_iter)
@@ -366,7 +420,7 @@ class ChainRunner:
     def preflight(self) -> None:
         """Load every stage's training data and every evaluation set: missing splits fail before any training."""
         for stage in {s.model_dump_json(): s for c in self.cfg.chains for s in c.stages}.values():
-            stage_examples(self.cfg, stage, self.cfg.seeds[0])
+            stage_examples(self.cfg, stage, self.cfg.seeds[0], group_forgetting={})  # data only: any weights
         for task in self.cfg.evaluation_tasks():
             self.eval_set(task)
 

@@ -61,7 +61,10 @@ class TaskSettings(Strict):
 class ReplayConfig(Strict):
     task: str
     fraction: float = Field(ge=0, lt=1, description="n_replayed / (n_replayed + n_stage)")
-    balance: Literal["none", "groups"] = "none"  # groups: equal numbers of replayed examples per group
+    # groups: equal numbers of replayed examples per group; targeted: numbers proportional to each group's forgetting
+    # of the replayed task, measured between the stage that trained it and the previous stage (needs that task
+    # among the chain's eval_tasks)
+    balance: Literal["none", "groups", "targeted"] = "none"
 
 
 class Stage(Strict):

@@ -406,7 +406,7 @@ def estimate_seconds(plan: SweepPlan, pending: set[str], tokens_per_second: floa
         cfg = plan.points[job.point].cfg
         if job.node.stage is not None and "@" not in key:
             t = job.node.training
-            n = len(stage_examples(cfg, job.node.stage, job.node.seed))
+            n = len(stage_examples(cfg, job.node.stage, job.node.seed, group_forgetting={}))  # the count only
             examples = t.max_steps * t.batch_size * t.grad_accum if t.max_steps else math.ceil(n * t.epochs)
             per_ex = tok_per_ex.get(job.node.stage.task)
             total += examples * (sum(per_ex) / len(per_ex) if per_ex else mean_tok) / rate
