@@ -96,3 +96,13 @@ def test_curvature_command(capsys, tmp_path, tiny_model_dir, real_data_dir):
     result = json.loads(out_file.read_text())
     assert result["n_examples"] == 8 and len(result["topk"]) == 2
     assert result["topk"] == sorted(result["topk"], reverse=True) and result["iterations"] >= 2
+
+
+def test_compact_shows_mean_std_and_ci():
+    import pandas as pd
+
+    from chaintune.cli import compact
+
+    df = pd.DataFrame({"chain": ["a", "b"], "F": [2.0, 1.0], "F_std": [1.0, float("nan")],
+                       "F_ci_low": [0.0, float("nan")], "F_ci_high": [4.0, float("nan")], "note": ["", ""]})
+    assert compact(df).to_dict("list") == {"chain": ["a", "b"], "F": ["2.00 ± 1.00 [0.00, 4.00]", "1.00"]}

@@ -38,12 +38,14 @@ def print_frame(df, title: str) -> None:
 
 
 def compact(df):
-    """For display: `X` with `X_ci_low`/`X_ci_high` becomes one column 'X [low, high]'; std and notes dropped."""
+    """For display: `X` with `X_std`, `X_ci_low`, `X_ci_high` becomes one column 'X ± std [low, high]'; notes dropped."""
     out = df.copy()
     for col in df.columns:
         if f"{col}_ci_low" in df.columns and f"{col}_ci_high" in df.columns:
-            out[col] = [f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]" if not (isinstance(lo, float) and math.isnan(lo))
-                        else _fmt(v) for v, lo, hi in zip(df[col], df[f"{col}_ci_low"], df[f"{col}_ci_high"])]
+            stds = df[f"{col}_std"] if f"{col}_std" in df.columns else [math.nan] * len(df)
+            out[col] = [_fmt(v) + (f" ± {_fmt(sd)}" if isinstance(sd, float) and not math.isnan(sd) else "")
+                        + (f" [{_fmt(lo)}, {_fmt(hi)}]" if not (isinstance(lo, float) and math.isnan(lo)) else "")
+                        for v, sd, lo, hi in zip(df[col], stds, df[f"{col}_ci_low"], df[f"{col}_ci_high"])]
             out = out.drop(columns=[f"{col}_ci_low", f"{col}_ci_high"])
         if col == "ci_low" and "difference" in df.columns:
             out["difference"] = [f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]" for v, lo, hi in
