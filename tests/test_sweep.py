@@ -73,6 +73,8 @@ def test_grid_expansion_product_zip_and_labels():
             last.tasks["arc_easy"].train_limit) == (1e-4, [1], 2, 20)
     assert all(p.cfg.sweep is None for p in points) and len({p.label for p in points}) == 8
     assert [p.label for p in expand_sweep(base)] == [""]
+    same = expand_sweep(base | {"sweep": {"zip": [{"chains.0.stages.0.lr": [1e-3, 1e-4], "training.lr": [1e-3, 1e-4]}]}})
+    assert [p.label for p in same] == ["lr=0.001", "lr=0.0001"]  # equal lists: one key names the point
 
 
 @pytest.mark.parametrize("sweep, message", [

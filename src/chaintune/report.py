@@ -23,6 +23,7 @@ import html
 import io
 import math
 import re
+import textwrap
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -300,7 +301,7 @@ def plot_accuracy_matrix(R: pd.DataFrame, ax=None, title: str | None = None, col
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("after stage")
     if title:
-        ax.set_title(title, loc="left")
+        ax.set_title(textwrap.fill(title, 34), loc="left")
     if colorbar:
         ax.figure.colorbar(im, ax=ax, label="accuracy (pp)", shrink=0.9, pad=0.02)
     return ax.figure
@@ -433,7 +434,7 @@ def plot_group_forgetting(df: pd.DataFrame, min_group_size: int | None = None) -
             if not inc:
                 tick.set_color("#666666")
         ax.set_ylabel(r"group forgetting $F_g$ (pp)")
-        ax.set_title(f"{chain}: {task}", loc="left")
+        ax.set_title(textwrap.fill(f"{chain}: {task}", 40), loc="left")
         if not included.all():
             size = f"n < {min_group_size}" if min_group_size else "too few questions"
             handles.append(Patch(facecolor="#dddddd", edgecolor=GREY, hatch="////",
@@ -478,7 +479,7 @@ def plot_bbq_bias(df: pd.DataFrame, stage_names: Mapping[int, str] | None = None
                           rotation_mode="anchor")
             ax.set_ylabel(f"{label} (bias score)")
             ax.set_ylim(min(-10, ax.get_ylim()[0]), max(10, ax.get_ylim()[1]))
-            ax.set_title(f"{chain}: {task}", loc="left")
+            ax.set_title(textwrap.fill(f"{chain}: {task}", 40), loc="left")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside upper center", ncols=min(len(stages), 4), title="model after")
     return fig
@@ -655,7 +656,7 @@ def plot_training_curves(df: pd.DataFrame, ncols: int = 2) -> Figure:
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
         ax.legend(uniq.values(), uniq.keys(), loc="upper right")
-        ax.set_title(str(chain), loc="left")
+        ax.set_title(textwrap.fill(str(chain), 40), loc="left")
         ax.set_xlabel("optimizer step (stages end to end)")
         ax.set_ylabel("training loss (nats / answer token)")
     for ax in axes[len(chains):]:

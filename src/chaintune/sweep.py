@@ -64,7 +64,11 @@ def expand_sweep(data: dict[str, Any], source: str = "config") -> list[Point]:
     axes = [[{key: v} for v in values] for key, values in top.sweep.product.items()]
     axes += [[{key: values[i] for key, values in group.items()} for i in range(len(next(iter(group.values()))))]
              for group in top.sweep.zip]
-    names = _short_names([k for axis in axes for k in axis[0]])
+    # a zip group whose lists are all equal (e.g. the same lr for two chains) is labelled by its first key only
+    shown = list(top.sweep.product) + [k for g in top.sweep.zip
+                                       for k in (list(g)[:1] if all(v == next(iter(g.values())) for v in g.values())
+                                                 else list(g))]
+    names = _short_names(shown)
     base = {k: v for k, v in data.items() if k != "sweep"}
     points = []
     for combo in itertools.product(*axes):
@@ -72,7 +76,7 @@ def expand_sweep(data: dict[str, Any], source: str = "config") -> list[Point]:
         point = copy.deepcopy(base)
         for key, value in assignment.items():
             set_path(point, key.split("."), copy.deepcopy(value), f"sweep key '{key}'")
-        label = ",".join(f"{names[k]}={_fmt_value(v)}" for k, v in assignment.items())
+        label = ",".join(f"{names[k]}={_fmt_value(v)}" for k, v in assignment.items() if k in names)
         points.append(Point(label, assignment, validate_config(point, f"{source} [sweep point {label}]")))
     return points
 
@@ -208,7 +212,8 @@ def execute_job(cfg_data: dict[str, Any], label: str, node_key: str, progress: b
     if previous is None or _WORKER.get("ident") != ident:
         cfg = validate_config(cfg_data)
         runner = ChainRunner(cfg, progress=progress, echo=functools.partial(print, flush=True), variant=label)
-        if previous is not None and previous.cfg.model == cfg.model:  # keep the loaded weights and tokenizer
+        # keep the loaded weights and tokenizer; node keys name weights only within one output_dir
+        if previous is not None and previous.cfg.model == cfg.model and previous.out == runner.out:
             runner.model, runner.tokenizer, runner.loaded_key = previous.model, previous.tokenizer, previous.loaded_key
         _WORKER.update(runner=runner, ident=ident)
     runner = _WORKER["runner"]
