@@ -215,3 +215,17 @@ def test_chain_seeds_and_eval_tasks_restrict_runs_and_evaluations(tmp_path):
     assert b_node.eval_tasks == ["toxigenqa"] and runs[1].eval_tasks == ["toxigenqa"]
     with pytest.raises(ConfigError, match="not all in the experiment's seeds"):
         expand_sweep({"seeds": [0], "chains": [{"name": "a", "seeds": [1], "stages": [{"task": "toxigenqa"}]}]})
+
+
+def test_replay_sweep_reaches_summary_and_report(tmp_path, tiny_model_dir, real_data_dir):
+    from chaintune.report import _load, replay_points
+
+    cfg = sweep_config(tmp_path / "out", tiny_model_dir, real_data_dir, seeds=[0], chains=[{"name": "r", "stages": [
+        {"task": "toxigenqa"}, {"task": "arc_easy"},
+        {"task": "arc_easy", "name": "replay", "replay": {"task": "toxigenqa", "fraction": 0.0}}]}],
+        sweep={"product": {"chains.0.stages.2.replay.fraction": [0.0, 0.25, 0.5]}})
+    run_inline(cfg)
+    replay = summary_tables(tmp_path / "out")["replay"]
+    assert sorted(replay.fraction) == [0.0, 0.25, 0.5]
+    points = replay_points(*(lambda e: (e.results, e.config))(_load(tmp_path / "out")))
+    assert sorted(points.fraction) == [0.0, 0.25, 0.5] and points.chain.str.startswith("r [fraction=").all()

@@ -820,10 +820,25 @@ class _Experiment:
     tables: dict[str, pd.DataFrame]
 
 
+def _run_chains(exp_dir: Path) -> list[dict[str, Any]]:
+    """Each chain as it appears in the results (with its sweep point), its stages read back from the trained nodes:
+    task, replay and the resolved lr. This also covers sweeps, where experiment.yaml holds only the first point."""
+    chains: dict[str, dict[str, Any]] = {}
+    for path in sorted((exp_dir / "runs").glob("*/run.json")):
+        run = read_json(path)
+        metas = [exp_dir / "stages" / d / "node.json" for d in run.get("stages", [])[1:]]
+        if run.get("chain") in chains or not metas or not all(m.is_file() for m in metas):
+            continue
+        stages = [read_json(m)["stage"] | {"lr": read_json(m)["training"]["lr"]} for m in metas]
+        chains[run["chain"]] = {"name": run["chain"], "stages": stages}
+    return list(chains.values())
+
+
 def _load(exp_dir: Path) -> _Experiment:
     from chaintune.summary import summary_tables
 
     config = _read_yaml(exp_dir / "experiment.yaml")
+    config["chains"] = _run_chains(exp_dir) or config.get("chains", [])
     env = read_json(exp_dir / "environment.json") if (exp_dir / "environment.json").is_file() else {}
     try:
         with warnings.catch_warnings():
