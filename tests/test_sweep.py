@@ -229,3 +229,24 @@ def test_replay_sweep_reaches_summary_and_report(tmp_path, tiny_model_dir, real_
     assert sorted(replay.fraction) == [0.0, 0.25, 0.5]
     points = replay_points(*(lambda e: (e.results, e.config))(_load(tmp_path / "out")))
     assert sorted(points.fraction) == [0.0, 0.25, 0.5] and points.chain.str.startswith("r [fraction=").all()
+
+
+def test_findings_pool_only_matching_reverse_chains(reference):
+    import json
+
+    from scipy import stats
+
+    from chaintune.summary import findings
+
+    out, _, _ = reference
+    rf = {}
+    for path in (out / "runs").glob("*/metrics.json"):
+        run = json.loads((path.parent / "run.json").read_text())
+        (first,) = [f for f in json.loads(path.read_text())["forgetting"] if f["trained_stage"] == 1]
+        rf.setdefault(run["chain"], []).append(first["RF"])
+    s_first, c_first = rf["tox_arc [lr=0.001]"], rf["arc_tox [lr=0.001]"]  # the only pair with equal settings
+    answer = findings(out)["Order: is safety forgotten more when it comes first?"]
+    diff = sum(s_first) / 2 - sum(c_first) / 2
+    p = stats.ttest_ind(s_first, c_first, equal_var=False).pvalue
+    assert answer[0].startswith("Pooled over 1 task pairs") and f"difference {diff:.2f}" in answer[0]
+    assert len(answer) == 2 and (f"Welch p = {p:.3g}" in answer[0] or "Welch" not in answer[0])

@@ -1,4 +1,4 @@
-"""Command-line interface: `chaintune tasks | eval | curvature | plan | run | summarize | report`."""
+"""Command-line interface: `chaintune tasks | eval | curvature | plan | run | summarize | report | verify`."""
 from __future__ import annotations
 
 import argparse
@@ -27,13 +27,14 @@ def _fmt(value) -> str:
 
 
 def print_frame(df, title: str) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", header_style="bold")
     for col in df.columns:
         table.add_column(str(col), justify="right" if df[col].dtype.kind in "fi" else "left")
     for row in df.itertuples(index=False):
-        table.add_row(*[_fmt(v) for v in row])
+        table.add_row(*[escape(_fmt(v)) for v in row])  # "[lr=1e-05]" is data, not rich markup
     _console().print(table)
 
 
@@ -109,6 +110,8 @@ def _executor_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
     from chaintune.executors import make_executor
     from chaintune.sweep import load_sweep, plan_sweep, run_sweep
 
@@ -127,13 +130,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if outcome.failed or outcome.incomplete_runs:
         _console().print(f"[red]{len(outcome.incomplete_runs)} run(s) incomplete[/]; failed jobs:")
         for info in outcome.failed.values():
-            _console().print(f"  {info['node']} {info['point']}: {info['error']} (attempts: {info['attempts']})")
+            _console().print(escape(f"  {info['node']} {info['point']}: {info['error']} (attempts: {info['attempts']})"))
         _console().print("rerun the same command to retry them; finished stages are kept")
         return 1
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
     from chaintune.sweep import load_sweep, plan_status
 
     points = load_sweep(args.config, args.set)
@@ -157,7 +162,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                   f"sweep's finished stages" if est is not None else
                                   "unknown until a stage has finished (or pass --tokens-per-second)"))
     for key, info in status["failed"].items():
-        lines.append(f"[red]failed[/] {info['node']} {info['point']}: {info['error']} (attempts: {info['attempts']})")
+        lines.append("[red]failed[/] " + escape(f"{info['node']} {info['point']}: {info['error']} "
+                                                 f"(attempts: {info['attempts']})"))
     _console().print("\n".join(lines))
     return 0
 
@@ -206,7 +212,9 @@ def cmd_curvature(args: argparse.Namespace) -> int:
 
 
 def summarize(out_dir: Path) -> int:
-    from chaintune.summary import summary_tables, write_summary
+    from rich.markup import escape
+
+    from chaintune.summary import findings, summary_tables, write_summary
 
     if not out_dir.is_dir():
         raise ChaintuneError(f"run directory '{out_dir}' does not exist", "pass the output_dir of a `chaintune run`")
@@ -227,6 +235,8 @@ def summarize(out_dir: Path) -> int:
         if name == "bbq_bias":
             df = df[df.category == "overall"]
         print_frame(compact(df), titles.get(name, name))
+    for question, lines in findings(out_dir, tables).items():
+        _console().print(f"[bold]{question}[/]\n" + "\n".join(f"  • {escape(line)}" for line in lines), highlight=False)
     folder = write_summary(out_dir, tables)
     _console().print(f"tables written to {folder}/ (CSV + summary.md)")
     return 0
@@ -244,6 +254,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = write_report(Path(args.run_dir), out, fmt=fmt)
     _console().print(f"report written to {path} (figures/ and tables/ beside it)")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from chaintune.verify import verdict, verify_run
+
+    table, notes = verify_run(args.run_dir, device=args.device, data_dir=args.data_dir, tolerance=args.tolerance,
+                              trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
+    for note in notes:
+        _console().print(f"[yellow]{note}[/]")
+    print_frame(table, f"Stored vs re-derived accuracies of {args.run_dir} (pp)")
+    code, line = verdict(table)
+    _console().print(line)
+    return code
 
 
 # ---------------------------------------------------------------------------------------------------- parser
@@ -321,6 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report file or folder (default: RUN_DIR/report/report.html)")
     p.add_argument("--format", choices=["html", "md"], help="html (self-contained) or md (default: from --out, else html)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("verify", help="re-evaluate a run's stored checkpoints and confirm its stored accuracies "
+                                      "(exit 0: all reproduced, 1: a mismatch or corrupt checkpoint, 3: some "
+                                      "checkpoints released)")
+    p.add_argument("run_dir", help="an experiment output_dir")
+    p.add_argument("--device", help="cpu, cuda, ... (default: the run's config)")
+    p.add_argument("--tolerance", type=float, default=1.0,
+                   help="allowed accuracy difference (pp) when the device, dtype or torch version differ from the "
+                        "run's; in the same environment every prediction must match exactly")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow custom model code (the run's own trust_remote_code setting is ignored)")
+    data_dir_arg(p)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 

@@ -850,6 +850,20 @@ def _load(exp_dir: Path) -> _Experiment:
 
 
 # ---------------------------------------------------------------------------------------------------- sections
+def _findings(b: _Builder, exp: _Experiment, tag: str, prefix: str) -> None:
+    from chaintune.summary import findings
+
+    if not exp.tables:
+        return
+    answers = findings(exp.path, exp.tables)
+    if not answers:
+        return
+    sec = b.section(f"Findings{tag}")
+    for question, lines in answers.items():
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+        b.text(sec, f"<p><b>{html.escape(question)}</b></p><ul>{items}</ul>")
+
+
 def _ci_note(tables: Mapping[str, pd.DataFrame], key: str) -> str:
     df = tables.get(key)
     seeds = int(df["seeds"].max()) if df is not None and "seeds" in df.columns and len(df) else 0
@@ -1109,7 +1123,7 @@ def _markdown(b: _Builder, title: str, subtitle: str) -> str:
         lines += [f"## {s.title}", ""]
         for it in s.items:
             if it.kind == "text":
-                text = re.sub(r"<li>", "\n- ", it.text)
+                text = re.sub(r"</?b>", "**", re.sub(r"<li>", "\n- ", it.text))
                 lines += [html.unescape(re.sub(r"<[^>]+>", "", text)), ""]
             elif it.kind == "figure":
                 lines += [f"![{it.name}](figures/{it.name}.png)", "", f"*{it.name}*: {it.caption}", ""]
@@ -1141,7 +1155,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = 
         return (f" — {e.path.name}", f"{e.path.name}_") if len(exps) > 1 else ("", "")
 
     for e in exps:
-        for build in (_overview, _groups, _bbq, _curvature):
+        for build in (_findings, _overview, _groups, _bbq, _curvature):
             build(b, e, *tags(e))
     _sweeps(b, exps)
     for e in exps:

@@ -1,6 +1,7 @@
 """Per-run metrics and the experiment summary tables (forgetting, biased forgetting, asymmetry, BBQ bias)."""
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -110,10 +111,18 @@ def replay_metrics(run_df: pd.DataFrame, replay_stages: list[dict[str, Any]]) ->
 
 # --------------------------------------------------------------------------------------------- experiment summary
 def load_run_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    """Every finished run: run.json, its metrics.json (`metrics`) and its stages' tasks and resolved training
+    settings (`stage_settings`: [(task, training dict)], from the stages' node.json)."""
     runs = []
     for path in sorted((out_dir / "runs").glob("*/metrics.json")):
         meta = read_json(path.parent / "run.json")
-        runs.append(meta | {"metrics": read_json(path)})
+        settings = []
+        for node in meta.get("stages", [])[1:]:
+            info = out_dir / "stages" / node / "node.json"
+            node_meta = read_json(info) if info.is_file() else {}
+            training = {k: v for k, v in node_meta.get("training", {}).items() if k != "checkpoint_every"}
+            settings.append((node_meta.get("task"), training, node_meta.get("stage", {}).get("replay")))
+        runs.append(meta | {"metrics": read_json(path), "stage_settings": settings})
     if not runs:
         raise ChaintuneError(f"'{out_dir}' holds no finished runs (no runs/*/metrics.json)",
                              "pass the output_dir of a finished `chaintune run`")
@@ -220,25 +229,37 @@ def curvature_vs_forgetting(runs: list[dict[str, Any]]) -> tuple[pd.DataFrame, p
     return pts, pd.DataFrame(rows)
 
 
-def _order_asymmetry(runs: list[dict[str, Any]], forg: pd.DataFrame) -> pd.DataFrame:
-    """For two-stage chains A→B and B→A: RF of A (when B follows) vs RF of B (when A follows), over seeds."""
-    pairs, variants = {}, {}
+def order_pairs(runs: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """(chain A→B, chain B→A, A, B) for every pair of two-stage chains that are each other's reverse, train each
+    task with the same settings, and belong to the same sweep point."""
+    chains: dict[str, tuple[tuple[str, str], str, dict[str, str]]] = {}
     for r in runs:
         tasks = [g["task"] for g in r["metrics"].get("learning_gain", [])]
         if r["metrics"]["final_stage"] == 2 and len(tasks) == 2:
-            pairs[r["chain"]] = tuple(tasks)
-            variants[r["chain"]] = r.get("variant", "")  # in a sweep, only compare runs of the same sweep point
+            settings = {task: json.dumps([training, replay], sort_keys=True)
+                        for task, training, replay in r.get("stage_settings", []) if task}
+            chains[r["chain"]] = (tuple(tasks), r.get("variant", ""), settings)
+    pairs = []
+    for chain_ab, ((a, b), variant_ab, set_ab) in chains.items():
+        for chain_ba, ((c, d), variant_ba, set_ba) in chains.items():
+            if (c, d) == (b, a) and chain_ab < chain_ba and variant_ab == variant_ba and set_ab == set_ba:
+                pairs.append((chain_ab, chain_ba, a, b))
+    return pairs
+
+
+def _order_asymmetry(runs: list[dict[str, Any]], forg: pd.DataFrame) -> pd.DataFrame:
+    """For two-stage chains A→B and B→A: RF of A (when B follows) vs RF of B (when A follows), over seeds.
+    Two chains are paired only if each task is trained with the same settings in both (and, in a sweep, they
+    belong to the same sweep point): an lr-sweep chain A→B is not compared with the main grid's B→A."""
     rows = []
-    for chain_ab, (a, b) in pairs.items():
-        for chain_ba, pair in pairs.items():
-            if pair == (b, a) and chain_ab < chain_ba and variants[chain_ab] == variants[chain_ba]:
-                rf_ab = forg[(forg.chain == chain_ab) & (forg.task == a)].RF.to_numpy()
-                rf_ba = forg[(forg.chain == chain_ba) & (forg.task == b)].RF.to_numpy()
-                res = M.order_asymmetry(rf_ab, rf_ba)
-                rows.append({"first": f"{chain_ab}: {a}→{b}", "second": f"{chain_ba}: {b}→{a}",
-                             "RF_first": res.mean_s_then_c, "RF_second": res.mean_c_then_s,
-                             "difference": res.difference, "ci_low": res.ci_low, "ci_high": res.ci_high,
-                             "p_value": res.p_value, "seeds": f"{res.n_s_then_c}/{res.n_c_then_s}", "note": res.note})
+    for chain_ab, chain_ba, a, b in order_pairs(runs):
+        rf_ab = forg[(forg.chain == chain_ab) & (forg.task == a)].RF.to_numpy()
+        rf_ba = forg[(forg.chain == chain_ba) & (forg.task == b)].RF.to_numpy()
+        res = M.order_asymmetry(rf_ab, rf_ba)
+        rows.append({"first": f"{chain_ab}: {a}→{b}", "second": f"{chain_ba}: {b}→{a}",
+                     "RF_first": res.mean_s_then_c, "RF_second": res.mean_c_then_s,
+                     "difference": res.difference, "ci_low": res.ci_low, "ci_high": res.ci_high,
+                     "p_value": res.p_value, "seeds": f"{res.n_s_then_c}/{res.n_c_then_s}", "note": res.note})
     return pd.DataFrame(rows)
 
 
@@ -246,8 +267,106 @@ def write_summary(out_dir: str | Path, tables: dict[str, pd.DataFrame]) -> Path:
     """Write every table as CSV and one Markdown file; returns the summary folder."""
     folder = Path(out_dir) / "summary"
     md = [f"# Summary of {Path(out_dir).name}\n"]
+    for question, lines in findings(out_dir, tables).items():
+        md += [f"**{question}**\n"] + [f"- {line}" for line in lines] + [""]
     for name, df in tables.items():
         write_table(folder / f"{name}.csv", df)
         md += [f"## {name.replace('_', ' ')}\n", df.to_markdown(index=False, floatfmt=".2f"), ""]
     write_text(folder / "summary.md", "\n".join(md) + "\n")
     return folder
+
+
+def _ci_text(row: Any, col: str, fmt: str = ".2f") -> str:
+    lo, hi = row.get(f"{col}_ci_low", math.nan), row.get(f"{col}_ci_high", math.nan)
+    ci = f" [{lo:{fmt}}, {hi:{fmt}}]" if isinstance(lo, float) and math.isfinite(lo) else ""
+    return f"{row[col]:{fmt}}{ci}"
+
+
+def _kind(task: str) -> str:
+    from chaintune.tasks import canonical_task_name, get_task
+
+    return get_task(canonical_task_name(task)).kind
+
+
+def findings(out_dir: str | Path, tables: dict[str, pd.DataFrame] | None = None) -> dict[str, list[str]]:
+    """The paper's questions (SPEC.md §1) answered from an experiment's results, as sentences with numbers:
+    learning gains (the precondition), order asymmetry, biased forgetting, curvature → forgetting, replay.
+    Intervals are 95% over seeds (t) unless noted."""
+    out_dir = Path(out_dir)
+    tables = tables if tables is not None else summary_tables(out_dir)
+    runs = load_run_metrics(out_dir)
+    out: dict[str, list[str]] = {}
+    gains = tables.get("learning_gain")
+    if gains is not None and not gains.empty:
+        bad = gains[~(gains.gain > 0)]
+        out["Learning gains"] = [f"{len(gains) - len(bad)} of {len(gains)} (chain, stage) gains on the stage's own "
+                                 f"task are positive (mean over seeds); range {gains.gain.min():.2f} to "
+                                 f"{gains.gain.max():.2f} pp."]
+        out["Learning gains"] += [f"Not positive: {r.chain}, stage {r.stage} ({r.task}): {_ci_text(r._asdict(), 'gain')} "
+                                  "pp — forgetting measured after it is not meaningful." for r in bad.itertuples()]
+    pairs = [p for p in order_pairs(runs) if {_kind(p[2]), _kind(p[3])} == {"safety", "capability"}]
+    if pairs:
+        lines, rf_s, rf_c = [], [], []
+        by_chain = {}
+        for r in runs:
+            for f in r["metrics"].get("forgetting", []):
+                if f["trained_stage"] == 1:
+                    by_chain.setdefault(r["chain"], []).append(f["RF"])
+        for chain_ab, chain_ba, a, b in pairs:
+            s_first, c_first, s, c = (chain_ab, chain_ba, a, b) if _kind(a) == "safety" else (chain_ba, chain_ab, b, a)
+            res = M.order_asymmetry(by_chain.get(s_first, []), by_chain.get(c_first, []))
+            rf_s += by_chain.get(s_first, [])
+            rf_c += by_chain.get(c_first, [])
+            ci = f" [{res.ci_low:.2f}, {res.ci_high:.2f}], Welch p = {res.p_value:.3g}" if math.isfinite(res.ci_low) else ""
+            lines.append(f"{s_first} ({s}→{c}): RF of {s} {res.mean_s_then_c:.2f} % vs {c_first} ({c}→{s}): RF of {c} "
+                         f"{res.mean_c_then_s:.2f} %; difference {res.difference:.2f}{ci} ({res.n_s_then_c}/"
+                         f"{res.n_c_then_s} seeds).")
+        pooled = M.order_asymmetry(rf_s, rf_c)
+        ci = (f" [{pooled.ci_low:.2f}, {pooled.ci_high:.2f}], Welch p = {pooled.p_value:.3g}"
+              if math.isfinite(pooled.ci_low) else "")
+        verdict = ("safety is forgotten more when it comes first" if math.isfinite(pooled.ci_low) and pooled.ci_low > 0
+                   else "the capability task is forgotten more when it comes first" if math.isfinite(pooled.ci_high)
+                   and pooled.ci_high < 0 else "no significant difference between the orders")
+        out["Order: is safety forgotten more when it comes first?"] = [
+            f"Pooled over {len(pairs)} task pairs: RF of the safety task in S→C {pooled.mean_s_then_c:.2f} % "
+            f"(n = {pooled.n_s_then_c} runs) vs RF of the capability task in C→S {pooled.mean_c_then_s:.2f} % "
+            f"(n = {pooled.n_c_then_s}); difference {pooled.difference:.2f}{ci}: {verdict}."] + lines
+    groups, bf = tables.get("group_forgetting"), tables.get("biased_forgetting")
+    safety_first = {p[0] if _kind(p[2]) == "safety" else p[1] for p in pairs}
+    if groups is not None and not groups.empty:
+        lines = []
+        for (chain, task), part in groups.groupby(["chain", "task"], sort=False):
+            if _kind(task) != "safety" or (safety_first and chain not in safety_first):
+                continue
+            part = part[part.included].sort_values("F_g", ascending=False)
+            if part.empty:
+                continue
+            top = ", ".join(f"{r.group} {_ci_text(r._asdict(), 'F_g', '.1f')}" for r in part.head(3).itertuples())
+            sig = [r.group for r in part.itertuples() if math.isfinite(r.BF_g_ci_low) and
+                   (r.BF_g_ci_low > 0 or r.BF_g_ci_high < 0)]
+            row = bf[(bf.chain == chain) & (bf.task == task)].iloc[0] if bf is not None and len(bf) else None
+            spread = f"BF_spread {_ci_text(row, 'BF_spread')} pp, " if row is not None else ""
+            lines.append(f"{chain} ({task}, {len(part)} groups): {spread}most forgotten: {top} pp; groups whose BF_g "
+                         f"interval excludes 0: {', '.join(sig) if sig else 'none'}.")
+        if lines:
+            out["Is forgetting biased across groups?"] = lines
+    corr = tables.get("curvature_vs_forgetting")
+    if corr is not None and not corr.empty:
+        out["Does first-stage curvature predict forgetting?"] = [
+            f"λ_max vs {r.target}: Pearson r = {r.pearson_r:.2f} (p = {r.pearson_p:.3g}), Spearman ρ = "
+            f"{r.spearman_rho:.2f} (p = {r.spearman_p:.3g}), R² = {r.r2:.2f}, n = {r.n} runs."
+            for r in corr[corr.group == OVERALL].itertuples()]
+    replay = tables.get("replay")
+    if replay is not None and not replay.empty:
+        out["How much does replay recover, at what cost?"] = [
+            f"{r.replay_task} replayed into {r.task} at f = {100 * r.fraction:g} %: recovery "
+            f"{_ci_text(r._asdict(), 'recovery')} (1 = all forgetting undone), capability cost "
+            f"{_ci_text(r._asdict(), 'capability_cost')} pp ({r.seeds} seeds)."
+            for r in replay.sort_values(["task", "replay_task", "fraction"]).itertuples()]
+        for r in replay.drop_duplicates(["task", "replay_task"]).itertuples():
+            f = r.smallest_f_recovering_90pct
+            found = isinstance(f, float) and math.isfinite(f)
+            out["How much does replay recover, at what cost?"].append(
+                f"Smallest f recovering ≥ 90 % ({r.replay_task} into {r.task}): "
+                f"{f'{100 * f:g} %' if found else 'none of the fractions tried'}.")
+    return out

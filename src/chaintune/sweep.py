@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pandas as pd
+from rich.markup import escape
 
 from chaintune.chain import ChainRunner, Node, Run, build_plan, eval_done, eval_spec, run_identity, write_run
 from chaintune.config import ExperimentConfig, config_hash, read_config, set_path, validate_config
@@ -305,18 +306,18 @@ def run_sweep(points: list[Point], executor, echo: Callable[[str], None] = print
                     write_text(plan.out / "sweep" / "tracebacks" / f"{job.node.dirname}.txt",
                                "".join(traceback.format_exception(exc)))
                 if attempts[key] <= executor.retries:
-                    echo(f"  job {job.node.dirname} failed ({error}); retry {attempts[key]}/{executor.retries}")
+                    echo(f"  job {job.node.dirname} failed ({escape(error)}); retry {attempts[key]}/{executor.retries}")
                     executor.recover()
                     pending.add(key)
                 else:
                     fail(key, error)
-                    echo(f"  [red]job {job.node.dirname} failed after {attempts[key]} attempt(s)[/]: {error}")
+                    echo(f"  [red]job {job.node.dirname} failed after {attempts[key]} attempt(s)[/]: {escape(error)}")
                 continue
             jobs_run += 1
             if stored_failures.pop(key, None) is not None:
                 write_json(failures_path(plan.out), stored_failures)
-            echo(f"  [{jobs_run}/{total}] {job.node.dirname}"
-                 f"{' [' + plan.points[job.point].label + ']' if plan.points[job.point].label else ''}"
+            echo(f"  ({jobs_run}/{total}) {job.node.dirname}"
+                 f"{' (' + plan.points[job.point].label + ')' if plan.points[job.point].label else ''}"
                  f" done in {info['seconds']:.0f}s")
             release_checkpoints(plan, job, pending | set(running.values()))
     return _write_outcome(plan, failed, jobs_run)
@@ -330,8 +331,8 @@ def release_checkpoints(plan: SweepPlan, job: Job, unfinished: set[str]) -> None
         own = [k for k in plan.jobs if k == node_key or k.startswith(node_key + "@")]
         return not (set(own) & unfinished) and all(finished(c) for c in plan.children.get(node_key, ()))
 
-    for node in (job.node, job.node.parent):
-        if node is None or node.stage is None or plan.points[job.point].cfg.keep_checkpoints:
+    for node in job.node.lineage():  # every ancestor: a grandparent is finished only when its last grandchild is
+        if node.stage is None or plan.points[job.point].cfg.keep_checkpoints:
             continue
         if finished(node.key):
             shutil.rmtree(plan.node_dir(node) / "checkpoint", ignore_errors=True)
