@@ -65,5 +65,9 @@ def test_yaml_errors_are_clear(tmp_path):
 def test_shipped_configs_validate():
     from pathlib import Path
 
-    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
-        load_config(path)
+    from chaintune.sweep import load_sweep
+
+    paths = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(paths) >= 6
+    for path in paths:
+        assert load_sweep(path)  # every sweep point validates
