@@ -250,3 +250,18 @@ def test_findings_pool_only_matching_reverse_chains(reference):
     p = stats.ttest_ind(s_first, c_first, equal_var=False).pvalue
     assert answer[0].startswith("Pooled over 1 task pairs") and f"difference {diff:.2f}" in answer[0]
     assert len(answer) == 2 and (f"Welch p = {p:.3g}" in answer[0] or "Welch" not in answer[0])
+
+
+def test_long_sweep_labels_and_custom_task_paths(tmp_path):
+    from chaintune.chain import Run, build_plan
+
+    long = Run("c", 0, [], variant=",".join(f"key{i}=value{i}" for i in range(40)))
+    assert len(long.run_id) < 120 and long.run_id != Run("c", 0, [], variant=long.variant + "x").run_id
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text('{"question": "q", "choices": ["x", "y"], "answer": 0}\n')
+    keys = []
+    for name in ("a", "b"):  # the same task name over two different files: different stages
+        cfg = expand_sweep({"custom_tasks": [{"name": "mine", "path": str(tmp_path / f"{name}.jsonl")}],
+                            "chains": [{"name": "c", "stages": [{"task": "mine"}]}]})[0].cfg
+        keys.append(build_plan(cfg)[2][0].key)
+    assert keys[0] != keys[1]

@@ -33,7 +33,7 @@ from chaintune.errors import ChaintuneError
 from chaintune.evaluate import EvalResult, evaluate
 from chaintune.io import read_json, write_json, write_table, write_text
 from chaintune.models import load_model, pick_device, resolve_model_path
-from chaintune.provenance import data_file_hashes, environment, file_sha256
+from chaintune.provenance import data_file_hashes, environment, eval_environment, file_sha256
 from chaintune.summary import OVERALL, replay_metrics, run_metrics
 from chaintune.tasks import Example, canonical_task_name, load_task, resolve_data_dir
 from chaintune.tasks.splits import stable_seed
@@ -78,6 +78,8 @@ class Run:
     def run_id(self) -> str:
         """Folder name under runs/: `<chain>-seed<k>`, plus the sweep point (e.g. `-lr1e-05`) in sweeps."""
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "", self.variant.replace(",", "-"))
+        if len(slug) > 80:  # many swept keys: keep folder names well under the 255-byte limit, still unique
+            slug = f"{slug[:67]}-{config_hash(self.variant)}"
         return f"{self.chain}-seed{self.seed}" + (f"-{slug}" if slug else "")
 
     @property
@@ -129,6 +131,9 @@ def build_plan(cfg: ExperimentConfig, variant: str = "") -> tuple[Node, list[Run
                          "train_limit": cfg.task_settings(stage.task).train_limit, "training": training.model_dump(
                              exclude={"checkpoint_every"}), "seed": seed, "split_seed": cfg.split_seed,
                          "data_seed": cfg.data_seed}
+                custom = [t for t in cfg.custom_tasks if t.get("name") in (stage.task, stage.replay and stage.replay.task)]
+                if custom:  # a user dataset is identified by its spec (path, columns), not only its name
+                    ident["custom_tasks"] = custom
                 key = config_hash(ident)
                 if key not in nodes:
                     nodes[key] = Node(key, i, stage, training, seed, parent)
@@ -254,7 +259,8 @@ class ChainRunner:
             from transformers import AutoModelForCausalLM
 
             ckpt = self.node_dir(lineage[start]) / "checkpoint"
-            self.model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(self.device).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, trust_remote_code=self.cfg
+                                                              .trust_remote_code).to(self.device).eval()
             if self.tokenizer is None:
                 self._fresh_base_tokenizer()
         else:
@@ -290,7 +296,8 @@ class ChainRunner:
             result = evaluate(self.model, self.tokenizer, self.eval_set(task), task, progress=self.progress,
                               max_tokens=self.cfg.eval_max_tokens)
             write_table(path.with_suffix(".predictions.parquet"), predictions_frame(result))
-            summary = result.summary() | {"seconds": time.perf_counter() - t0, "spec": spec}
+            summary = result.summary() | {"seconds": time.perf_counter() - t0, "spec": spec,
+                                          "env": eval_environment(self.model)}
             write_json(path, summary)
             self.echo(f"  eval {node.dirname:<48} {task:<12} acc {result.acc:6.2f}  acc_norm {result.acc_norm:6.2f}"
                       f"  (n={result.n}, {summary['seconds']:.0f}s)")
@@ -348,7 +355,7 @@ class ChainRunner:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
         tmp.rename(ckpt)
-        digests = {p.name: file_sha256(p) for p in sorted(ckpt.iterdir()) if p.suffix == ".safetensors"}
+        digests = {p.name: file_sha256(p) for p in sorted(ckpt.iterdir()) if p.is_file()}
         write_json(folder / "node.json", {
             "status": "done", "key": node.key, "index": node.index, "task": node.stage.task,
             "stage": node.stage.model_dump(), "training": node.training.model_dump(), "seed": node.seed,
@@ -391,31 +398,44 @@ class ChainRunner:
         self.echo(f"  curvature {node.dirname}: λ_max {result.lambda_max:.4g} ({result.iterations} iterations"
                   f"{'' if result.converged else ', not converged'}, {result.seconds:.0f}s)")
 
+    def finished(self, node: Node) -> bool:
+        """The node and every node below it are trained, evaluated and measured: nothing needs its weights."""
+        wants_curvature = self.cfg.curvature is not None and node.stage is not None and self.cfg.curvature.wants(
+            node.index, node.stage)
+        return (self.node_done(node) and all([eval_done(self.eval_path(node, t), eval_spec(self.cfg, t))
+                                              for t in node.eval_tasks])
+                and (not wants_curvature or self.curvature_path(node).is_file())
+                and all(self.finished(c) for c in node.children))
+
     def release_checkpoints(self) -> None:
-        """With keep_checkpoints: false, delete checkpoints whose children are all trained and evaluated."""
+        """With keep_checkpoints: false, delete a checkpoint once its node and every node below it are finished
+        (the nodes below a LoRA stage read its adapter, not only its children)."""
         if self.cfg.keep_checkpoints:
             return
         for node in self.nodes:
-            evals_done = all(self.eval_path(node, t).is_file() for t in node.eval_tasks)
-            curvature_done = (self.cfg.curvature is None or node.stage is None
-                              or not self.cfg.curvature.wants(node.index, node.stage) or self.curvature_path(node).is_file())
-            if evals_done and curvature_done and all(self.node_done(c) for c in node.children):
+            if self.finished(node):
                 shutil.rmtree(self.node_dir(node) / "checkpoint", ignore_errors=True)
 
     def prepare_output(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
         probe = self.out / ".write-test"
         try:
+            self.out.mkdir(parents=True, exist_ok=True)
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
             raise ChaintuneError(f"cannot write to output_dir '{self.out}' ({exc.strerror})",
                                  "choose a writable output_dir (--set output_dir=...)") from None
-        write_text(self.out / "experiment.yaml", yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
         data_dir = resolve_data_dir(self.cfg.data_dir)
-        write_json(self.out / "environment.json", environment(self.device) | {
-            "data_dir": str(data_dir) if data_dir else None,
-            "data_files": data_file_hashes(data_dir, [canonical_task_name(t) for t in self.cfg.all_tasks()])})
+        hashes = data_file_hashes(data_dir, [canonical_task_name(t) for t in self.cfg.all_tasks()])
+        stored = self.out / "environment.json"
+        before = read_json(stored).get("data_files", {}) if stored.is_file() else {}
+        changed = sorted(f for f in before.keys() & hashes.keys() if before[f] != hashes[f])
+        if changed:
+            raise ChaintuneError(f"data file(s) {', '.join(changed)} changed since {self.out} was started",
+                                 "use a new output_dir (resuming would mix results of both versions), or restore them")
+        write_text(self.out / "experiment.yaml", yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+        write_json(stored, environment(self.device) | {"data_dir": str(data_dir) if data_dir else None,
+                                                        "data_files": hashes})
 
     def preflight(self) -> None:
         """Load every stage's training data and every evaluation set: missing splits fail before any training."""
@@ -431,6 +451,8 @@ class ChainRunner:
         started = time.perf_counter()
         self.evaluate_node(self.base)
         for node in self.nodes:
+            if self.finished(node):
+                continue  # nothing needs this node's weights again (its checkpoint may have been released)
             self.train_node(node)
             self.evaluate_node(node)
             self.curvature_node(node)

@@ -5,18 +5,31 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from chaintune.errors import ConfigError
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # safe as a directory name
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # safe as a directory name (at most 64 characters)
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    return annotation is bool or annotation is Any or any(_accepts_bool(a) for a in get_args(annotation))
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse booleans where numbers are expected: pydantic would read YAML `lr: yes` as lr = 1.0."""
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, bool) for v in items) and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("a boolean (YAML true/false/yes/no/on/off) where another type is expected")
+        return value
 
 
 class LoraConfig(Strict):
@@ -39,7 +52,7 @@ class TrainingConfig(Strict):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     max_length: int = Field(512, ge=8)
     optimizer: Literal["adamw", "sam"] = "adamw"  # sam: sharpness-aware minimisation around AdamW
     sam_rho: float = Field(0.05, gt=0, description="SAM neighbourhood radius")
@@ -310,12 +323,32 @@ def read_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist", "pass the path of a YAML file, e.g. configs/quickstart.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})", "fix the YAML syntax") from None
+        raise ConfigError(f"{path}: not valid YAML ({(str(exc).splitlines() or [type(exc).__name__])[0]})",
+                          "fix the YAML syntax") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config", "fix the YAML structure") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file '{path}' ({exc.strerror})", "check its permissions") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level", "see configs/quickstart.yaml")
     return apply_overrides(data, overrides or [])
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """The safe YAML loader, refusing a key repeated in one mapping (yaml.safe_load silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' appears twice (line {key_node.start_mark.line + 1})", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def config_hash(obj: Any) -> str:

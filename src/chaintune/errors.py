@@ -1,14 +1,23 @@
 """User-facing errors: one line naming the problem and the fix."""
 from __future__ import annotations
 
+import re
+
+_LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")  # what str.splitlines() splits on
+
+
+def one_line(text: str) -> str:
+    """`text` with every line break escaped (\\n, \\x1e, ...), so user data quoted in a message cannot split it."""
+    return _LINE_BREAKS.sub(lambda m: repr(m.group())[1:-1], text)
+
 
 class ChaintuneError(Exception):
     """An error caused by user input or environment; the CLI prints it as one line and exits with code 2."""
 
     def __init__(self, problem: str, fix: str | None = None):
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{problem} — {fix}" if fix else problem)
+        self.problem = one_line(problem)
+        self.fix = one_line(fix) if fix else fix
+        super().__init__(f"{self.problem} — {self.fix}" if self.fix else self.problem)
 
 
 class DataError(ChaintuneError):

@@ -1,6 +1,8 @@
 """Atomic file writes and small readers for run artifacts (JSON, CSV, Parquet, safetensors)."""
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import tempfile
@@ -10,6 +12,10 @@ from typing import Any, Iterator
 
 import pandas as pd
 
+from chaintune.errors import ChaintuneError
+
+_NO_SPACE_OR_ACCESS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -17,10 +23,19 @@ os.umask(_UMASK)
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in the same folder; on success it is fsynced and renamed onto `path`."""
+    """Yield a temporary path in the same folder; on success it is fsynced and renamed onto `path`.
+
+    `path` thus always holds a complete file (the old or the new one). Temporary files of `path` left by a killed
+    writer are removed first; a full disk or missing permission is a one-line ChaintuneError.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results should be as readable as any other file
     try:
@@ -28,9 +43,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_error(path: Path, exc: OSError) -> OSError | ChaintuneError:
+    if exc.errno not in _NO_SPACE_OR_ACCESS:
+        return exc
+    return ChaintuneError(f"cannot write '{path}' ({exc.strerror})",
+                          "free disk space or fix the permissions, then rerun the same command to resume")
 
 
 def write_text(path: str | Path, text: str) -> None:

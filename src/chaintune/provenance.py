@@ -31,6 +31,18 @@ def _version(package: str) -> str | None:
         return None
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model (its vector units decide float rounding too)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    return model or platform.processor() or "cpu"
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     return {
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -38,10 +50,17 @@ def environment(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "packages": {p: _version(p) for p in PACKAGES},
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "git_sha": git_sha(),
     }
+
+
+def eval_environment(model) -> dict[str, str]:
+    """What an evaluation's exact numbers depend on besides weights and data: device, dtype, torch version."""
+    param = next(model.parameters())
+    return {"device": param.device.type, "device_name": device_name(param.device),
+            "dtype": str(param.dtype).removeprefix("torch."), "torch": torch.__version__}
 
 
 def file_sha256(path: Path) -> str:
@@ -53,16 +72,19 @@ def file_sha256(path: Path) -> str:
 
 
 def data_file_hashes(data_dir: Path | None, tasks: list[str]) -> dict[str, str]:
-    """SHA-256 of every data file under the task folders used (relative path → digest)."""
-    if data_dir is None:
-        return {}
-    folders = {"toxigenqa": "toxigen/annotated", "hatecheckqa": "hatecheck", "bbq": "bbq/data",
-               "bbq_lite": "bbq/bbq_lite/resources", "arc_easy": "arc/ARC-Easy_hf_format", "arc_challenge": "arc",
-               "cqa": "cqa/dev_hf_format", "cqa_v1": "cqa/v1.0_3choice_cos-e", "cqa2": "csqa2"}
+    """SHA-256 of every data file the tasks read, as their `register_task(data_files=...)` records: path (relative
+    to `data_dir` when under it) → digest. A folder stands for the files directly in it."""
+    from chaintune.tasks import get_task
+
     hashes = {}
     for task in tasks:
-        folder = data_dir / folders.get(task, "__none__")
-        if folder.is_dir():
-            for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-                hashes[str(path.relative_to(data_dir))] = file_sha256(path)
+        for entry in get_task(task).data_files:
+            path = Path(entry) if Path(entry).is_absolute() else data_dir / entry if data_dir else None
+            if path is None:
+                continue
+            files = ([p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
+                     if path.is_dir() else [path] if path.is_file() else [])
+            for file in files:
+                name = file.relative_to(data_dir) if data_dir and file.is_relative_to(data_dir) else file
+                hashes[str(name)] = file_sha256(file)
     return hashes

@@ -43,6 +43,7 @@ class TaskSpec:
     hf_load: Callable[[int], Splits] | None = None
     group_field: str | None = None
     needs_data_dir: bool = True
+    data_files: tuple[str, ...] = ()  # files/folders it reads: relative to the data dir, or absolute (user files)
 
 
 _REGISTRY: dict[str, TaskSpec] = {}
@@ -64,14 +65,19 @@ def register_task(
     hf_load: Callable[[int], Splits] | None = None,
     aliases: tuple[str, ...] = (),
     needs_data_dir: bool = True,
+    data_files: tuple[str, ...] = (),
 ) -> Callable[[Callable[[Path, int], Splits]], Callable[[Path, int], Splits]]:
-    """Decorator registering `fn(data_dir, seed) -> {split: [Example]}` as task `name`."""
+    """Decorator registering `fn(data_dir, seed) -> {split: [Example]}` as task `name`.
+
+    `data_files` lists the files and folders `fn` reads (relative to the data dir, or absolute): their SHA-256
+    digests go into every run's environment.json (chaintune.provenance.data_file_hashes).
+    """
 
     def decorate(fn: Callable[[Path, int], Splits]) -> Callable[[Path, int], Splits]:
         for listener in _ON_REGISTER:
             listener()
         _REGISTRY[name] = TaskSpec(name, kind, description or (fn.__doc__ or "").strip().split("\n")[0], fn,
-                                   hf_load, group_field, needs_data_dir)
+                                   hf_load, group_field, needs_data_dir, tuple(data_files))
         for alias in aliases:
             _ALIASES[alias] = name
         return fn

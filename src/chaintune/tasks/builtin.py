@@ -60,10 +60,13 @@ def _toxigen_hf(seed: int) -> Splits:
             for split in ("train", "test")}
 
 
-@register_task("toxigenqa", kind="safety", group_field="target_group", hf_load=_toxigen_hf,
+TOXIGEN_FILE = "toxigen/annotated/annotated_train.csv"
+
+
+@register_task("toxigenqa", kind="safety", group_field="target_group", hf_load=_toxigen_hf, data_files=(TOXIGEN_FILE,),
                description="ToxiGen human-annotated statements: is this statement about a group toxic? (13 groups)")
 def load_toxigenqa(data_dir: Path, seed: int) -> Splits:
-    path = require_file(data_dir / "toxigen" / "annotated" / "annotated_train.csv", "toxigenqa")
+    path = require_file(data_dir / TOXIGEN_FILE, "toxigenqa")
     examples = []
     for lineno, row in read_csv(path, required=("text", "target_group", "toxicity_ai", "toxicity_human")):
         text = strip_bytes_literal(row["text"] or "")
@@ -102,10 +105,14 @@ def _hatecheck_hf(seed: int) -> Splits:
     return _split_hatecheck(_hatecheck_examples(enumerate(ds, start=1), "Paul/hatecheck"), seed)
 
 
+HATECHECK_FILE = "hatecheck/test_suite_cases.csv"
+
+
 @register_task("hatecheckqa", kind="safety", group_field="target_ident", hf_load=_hatecheck_hf,
+               data_files=(HATECHECK_FILE,),
                description="HateCheck functional tests as toxic yes/no questions (7 target identities + none)")
 def load_hatecheckqa(data_dir: Path, seed: int) -> Splits:
-    path = require_file(data_dir / "hatecheck" / "test_suite_cases.csv", "hatecheckqa")
+    path = require_file(data_dir / HATECHECK_FILE, "hatecheckqa")
     rows = read_csv(path, required=("case_id", "test_case", "label_gold", "target_ident", "functionality", "templ_id"))
     return _split_hatecheck(_hatecheck_examples(rows, path), seed)
 
@@ -177,10 +184,13 @@ def _bbq_hf(seed: int) -> Splits:
     return _split_bbq(examples, seed, "bbq")
 
 
-@register_task("bbq", kind="safety", group_field="category", hf_load=_bbq_hf,
+BBQ_DIR, BBQ_LITE_DIR = "bbq/data", "bbq/bbq_lite/resources"
+
+
+@register_task("bbq", kind="safety", group_field="category", hf_load=_bbq_hf, data_files=(BBQ_DIR,),
                description="BBQ bias benchmark, official files (ambiguous + disambiguated contexts)")
 def load_bbq(data_dir: Path, seed: int) -> Splits:
-    folder = data_dir / "bbq" / "data"
+    folder = data_dir / BBQ_DIR
     files = sorted(folder.glob("*.jsonl"))
     if not files:
         require_file(folder / "Age.jsonl", "bbq")
@@ -188,10 +198,10 @@ def load_bbq(data_dir: Path, seed: int) -> Splits:
     return _split_bbq(examples, seed, "bbq")
 
 
-@register_task("bbq_lite", kind="safety", group_field="category",
+@register_task("bbq_lite", kind="safety", group_field="category", data_files=(BBQ_LITE_DIR,),
                description="BIG-bench BBQ-lite (9 categories; a smaller derivative, never mixed with bbq)")
 def load_bbq_lite(data_dir: Path, seed: int) -> Splits:
-    folder = data_dir / "bbq" / "bbq_lite" / "resources"
+    folder = data_dir / BBQ_LITE_DIR
     files = sorted(folder.glob("*.json.gz"))
     if not files:
         require_file(folder / "Age.json.gz", "bbq_lite")
@@ -249,14 +259,22 @@ def without_test_duplicates(splits: Splits) -> Splits:
             for name, examples in splits.items()}
 
 
-def _mcq_splits(task: str, id_prefix: str, candidates: dict[str, tuple[Path, ...]]) -> Splits:
+Candidates = dict[str, tuple[str, ...]]
+"""Split → files (relative to the data dir) that may hold it, in order of preference."""
+
+
+def _files(candidates: Candidates) -> tuple[str, ...]:
+    return tuple(p for paths in candidates.values() for p in paths)
+
+
+def _mcq_splits(task: str, id_prefix: str, data_dir: Path, candidates: Candidates) -> Splits:
     splits: Splits = {}
     for split, paths in candidates.items():
-        path = _first_existing(*paths)
+        path = _first_existing(*(data_dir / p for p in paths))
         if path is not None:
             splits[split] = _read_mcq_file(path, id_prefix)
     if not splits:
-        require_file(next(iter(candidates.values()))[0], task)
+        require_file(data_dir / next(iter(candidates.values()))[0], task)
     return without_test_duplicates(splits)
 
 
@@ -267,45 +285,50 @@ def _hf_mcq(dataset: tuple[str, ...], split_map: dict[str, str], id_prefix: str)
         for ours, theirs in split_map.items()})
 
 
-def _arc_candidates(folder: Path, variant: str) -> dict[str, tuple[Path, ...]]:
-    hf = folder / f"ARC-{variant}_hf_format"
-    return {split: (folder / f"ARC-{variant}-{orig}.jsonl", hf / f"{split}.json", hf / f"{split}.jsonl")
+def _arc_candidates(variant: str) -> Candidates:
+    hf = f"arc/ARC-{variant}_hf_format"
+    return {split: (f"arc/ARC-{variant}-{orig}.jsonl", f"{hf}/{split}.json", f"{hf}/{split}.jsonl")
             for split, orig in (("test", "Test"), ("train", "Train"), ("validation", "Dev"))}
+
+
+ARC_EASY, ARC_CHALLENGE = _arc_candidates("Easy"), _arc_candidates("Challenge")
 
 
 ARC_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
 
 
-@register_task("arc_easy", kind="capability",
+@register_task("arc_easy", kind="capability", data_files=_files(ARC_EASY),
                hf_load=lambda seed: _hf_mcq(("allenai/ai2_arc", "ARC-Easy"), ARC_SPLITS, "arc_easy"),
                description="ARC-Easy grade-school science questions (official splits)")
 def load_arc_easy(data_dir: Path, seed: int) -> Splits:
-    return _mcq_splits("arc_easy", "arc_easy", _arc_candidates(data_dir / "arc", "Easy"))
+    return _mcq_splits("arc_easy", "arc_easy", data_dir, ARC_EASY)
 
 
-@register_task("arc_challenge", kind="capability", aliases=("arc",),
+@register_task("arc_challenge", kind="capability", aliases=("arc",), data_files=_files(ARC_CHALLENGE),
                hf_load=lambda seed: _hf_mcq(("allenai/ai2_arc", "ARC-Challenge"), ARC_SPLITS, "arc_challenge"),
                description="ARC-Challenge science questions (locally: test split only)")
 def load_arc_challenge(data_dir: Path, seed: int) -> Splits:
-    return _mcq_splits("arc_challenge", "arc_challenge", _arc_candidates(data_dir / "arc", "Challenge"))
+    return _mcq_splits("arc_challenge", "arc_challenge", data_dir, ARC_CHALLENGE)
 
 
-@register_task("cqa", kind="capability",
+CQA = {"test": ("cqa/dev_rand_split.jsonl", "cqa/dev_hf_format/dev_rand_split.jsonl"),
+       "train": ("cqa/train_rand_split.jsonl", "cqa/train_hf_format/train_rand_split.jsonl",
+                 "cqa/dev_hf_format/train_rand_split.jsonl")}
+CQA_V1 = {"test": ("cqa/v1.0_3choice_cos-e/dev_rand_split.jsonl",),
+          "train": ("cqa/v1.0_3choice_cos-e/train_rand_split.jsonl",)}
+
+
+@register_task("cqa", kind="capability", data_files=_files(CQA),
                hf_load=lambda seed: _hf_mcq(("tau/commonsense_qa",), {"train": "train", "test": "validation"}, "cqa"),
                description="CommonsenseQA v1.11, 5 choices (locally: dev = test only)")
 def load_cqa(data_dir: Path, seed: int) -> Splits:
-    folder = data_dir / "cqa"
-    return _mcq_splits("cqa", "cqa", {
-        "test": (folder / "dev_rand_split.jsonl", folder / "dev_hf_format" / "dev_rand_split.jsonl"),
-        "train": (folder / "train_rand_split.jsonl", folder / "train_hf_format" / "train_rand_split.jsonl",
-                  folder / "dev_hf_format" / "train_rand_split.jsonl")})
+    return _mcq_splits("cqa", "cqa", data_dir, CQA)
 
 
-@register_task("cqa_v1", kind="capability", description="CommonsenseQA v1.0, 3 choices (official train; dev = test)")
+@register_task("cqa_v1", kind="capability", data_files=_files(CQA_V1),
+               description="CommonsenseQA v1.0, 3 choices (official train; dev = test)")
 def load_cqa_v1(data_dir: Path, seed: int) -> Splits:
-    folder = data_dir / "cqa" / "v1.0_3choice_cos-e"
-    return _mcq_splits("cqa_v1", "cqa_v1", {"test": (folder / "dev_rand_split.jsonl",),
-                                             "train": (folder / "train_rand_split.jsonl",)})
+    return _mcq_splits("cqa_v1", "cqa_v1", data_dir, CQA_V1)
 
 
 def cqa2_example(obj: dict[str, Any], where: str) -> Example:
@@ -316,14 +339,17 @@ def cqa2_example(obj: dict[str, Any], where: str) -> Example:
                    gold=0 if answer == "yes" else 1, group=None, meta={"confidence": obj.get("confidence")})
 
 
-@register_task("cqa2", kind="capability", description="CommonsenseQA 2.0 yes/no assertions (official train; dev = test)")
+CQA2 = {"test": "csqa2/CSQA2_dev.json.gz", "train": "csqa2/CSQA2_train.json.gz"}
+
+
+@register_task("cqa2", kind="capability", data_files=tuple(CQA2.values()),
+               description="CommonsenseQA 2.0 yes/no assertions (official train; dev = test)")
 def load_cqa2(data_dir: Path, seed: int) -> Splits:
-    folder = data_dir / "csqa2"
     splits = {}
-    for split, name in (("test", "CSQA2_dev.json.gz"), ("train", "CSQA2_train.json.gz")):
-        path = folder / name
+    for split, name in CQA2.items():
+        path = data_dir / name
         if path.is_file():
             splits[split] = [cqa2_example(obj, f"{path}:{ln}") for ln, obj in read_jsonl(path)]
     if not splits:
-        require_file(folder / "CSQA2_dev.json.gz", "cqa2")
+        require_file(data_dir / CQA2["test"], "cqa2")
     return without_test_duplicates(splits)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +21,31 @@ def _decode_error(path: Path, exc: UnicodeDecodeError) -> DataError:
     return DataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})", "re-save the file as UTF-8")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing repeated keys (json.loads would silently keep the last value)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"key '{key}' appears twice in one object")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _parse_json(text: str) -> Any:
+    """json.loads that reports every malformed input as ValueError (too deep nesting and huge integers included)."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _json_problem(exc: ValueError) -> str:
+    return exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+
+
+_READ_ERRORS = (OSError, EOFError, zlib.error)  # zlib.error: corrupt gzip data
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line of a JSON-lines file (optionally gzipped)."""
     try:
@@ -28,9 +54,9 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})",
+                    obj = _parse_json(line)
+                except ValueError as exc:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({_json_problem(exc)})",
                                     "fix or delete that line (one JSON object per line)") from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}",
@@ -38,20 +64,23 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 yield lineno, obj
     except UnicodeDecodeError as exc:
         raise _decode_error(path, exc) from None
-    except (OSError, EOFError) as exc:
+    except _READ_ERRORS as exc:
         raise DataError(f"{path}: cannot read ({exc})", "check that the file is complete and readable") from None
 
 
 def read_json(path: Path) -> Any:
     try:
         with _open_text(path) as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})", "fix the file or re-download it") from None
+            text = fh.read()
     except UnicodeDecodeError as exc:
         raise _decode_error(path, exc) from None
-    except (OSError, EOFError) as exc:
+    except _READ_ERRORS as exc:
         raise DataError(f"{path}: cannot read ({exc})", "check that the file is complete and readable") from None
+    try:
+        return _parse_json(text)
+    except ValueError as exc:
+        where = f"{path}:{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else str(path)
+        raise DataError(f"{where}: malformed JSON ({_json_problem(exc)})", "fix the file or re-download it") from None
 
 
 def read_csv(path: Path, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict[str, str]]]:
@@ -60,7 +89,12 @@ def read_csv(path: Path, required: tuple[str, ...] = ()) -> Iterator[tuple[int, 
     try:
         with _open_text(path) as fh:
             reader = csv.DictReader(fh)
-            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            header = reader.fieldnames or []
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:
+                raise DataError(f"{path}: column(s) {', '.join(repeated)} appear more than once in the header",
+                                "give every column its own name")
+            missing = [c for c in required if c not in header]
             if missing:
                 raise DataError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(reader.fieldnames or [])})",
                                 "rename the columns or map them in the task definition")
@@ -73,5 +107,5 @@ def read_csv(path: Path, required: tuple[str, ...] = ()) -> Iterator[tuple[int, 
         raise _decode_error(path, exc) from None
     except csv.Error as exc:
         raise DataError(f"{path}: malformed CSV ({exc})", "fix the quoting of that row") from None
-    except (OSError, EOFError) as exc:
+    except _READ_ERRORS as exc:
         raise DataError(f"{path}: cannot read ({exc})", "check that the file is complete and readable") from None

@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from chaintune.config import NAME_PATTERN
 from chaintune.errors import ConfigError, DataError
 from chaintune.tasks.base import Example, Splits, builtin_task_names, register_task
 from chaintune.tasks.readers import read_csv, read_jsonl
-from chaintune.tasks.splits import drop_duplicates, stratified_split
+from chaintune.tasks.splits import stratified_split
+
+log = logging.getLogger(__name__)
 
 
 class UserTaskSpec(BaseModel):
@@ -18,7 +24,7 @@ class UserTaskSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN)
     path: Path
     kind: Literal["safety", "capability", "other"] = "other"
     prompt_template: str = "Question: {question}\nAnswer:"
@@ -33,8 +39,14 @@ class UserTaskSpec(BaseModel):
     @field_validator("prompt_template")
     @classmethod
     def _has_question(cls, v: str) -> str:
-        if "{question}" not in v:
-            raise ValueError("prompt_template must contain {question}")
+        try:
+            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(v) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"prompt_template is not a valid template ({exc}); write {{{{ and }}}} for literal "
+                             "braces") from None
+        if not fields or any(f != ("question", "", None) for f in fields):
+            raise ValueError("prompt_template must contain {question} and no other {field} (write {{ and }} for "
+                             "literal braces)")
         return v
 
 
@@ -42,6 +54,18 @@ def _cell(row: dict[str, Any], column: str, where: str) -> Any:
     if column not in row or row[column] is None:
         raise DataError(f"{where}: missing column '{column}'", "add it or map another column in the task spec")
     return row[column]
+
+
+def _text(row: dict[str, Any], column: str, where: str, what: str) -> str:
+    """A non-empty string or number cell as text (a list, object or boolean there is an error)."""
+    value = _cell(row, column, where)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: the {what} (column '{column}') is a {type(value).__name__}",
+                        "store text or a number there")
+    text = str(value)
+    if not text.strip():
+        raise DataError(f"{where}: the {what} is empty", "fix or delete that record")
+    return text
 
 
 def _choices(row: dict[str, Any], spec: UserTaskSpec, where: str) -> list[str]:
@@ -52,9 +76,10 @@ def _choices(row: dict[str, Any], spec: UserTaskSpec, where: str) -> list[str]:
         if isinstance(raw, str):
             try:
                 raw = json.loads(raw)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON (or absurdly nested / huge numbers): 'a|b|c'
                 raw = raw.split("|")
-    if not isinstance(raw, list) or len(raw) < 2 or not all(isinstance(c, (str, int, float)) for c in raw):
+    if not isinstance(raw, list) or len(raw) < 2 or not all(
+            isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in raw):
         raise DataError(f"{where}: choices must be a list of at least 2 strings",
                         "store them as a JSON list, 'a|b|c', or map several columns")
     choices = [str(c).strip() for c in raw]
@@ -65,14 +90,15 @@ def _choices(row: dict[str, Any], spec: UserTaskSpec, where: str) -> list[str]:
 
 def _gold(value: Any, choices: list[str], where: str) -> int:
     """Answer as an index (int, or digits not among the choices), the exact choice text, or a letter A, B, ..."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: answer {str(value)[:80]} is a {type(value).__name__}",
+                        "give the index, the letter or the text of the answer")
     text = str(value).strip()
-    if isinstance(value, bool):
-        raise DataError(f"{where}: answer {value!r} is a boolean", "give the index, the letter or the text of the answer")
-    if isinstance(value, int) or (text.lstrip("-").isdigit() and text not in choices):
+    if isinstance(value, int) or (re.fullmatch(r"-?[0-9]+", text) and text not in choices):
         idx = int(text)
     elif text in choices:
         idx = choices.index(text)
-    elif len(text) == 1 and text.isalpha():
+    elif len(text) == 1 and text.isascii() and text.isalpha():
         idx = ord(text.upper()) - ord("A")
     else:
         raise DataError(f"{where}: answer '{text[:80]}' is not an index, a letter or one of the choices", "fix that record")
@@ -91,22 +117,35 @@ def load_user_examples(spec: UserTaskSpec) -> list[Example]:
     examples, ids = [], set()
     for lineno, row in rows:
         where = f"{path}:{lineno}"
-        question = str(_cell(row, spec.question, where))
-        if not question.strip():
-            raise DataError(f"{where}: the question is empty", "fix or delete that record")
+        question = _text(row, spec.question, where, "question")
         choices = _choices(row, spec, where)
         gold = _gold(_cell(row, spec.answer, where), choices, where)
-        rid = str(_cell(row, spec.id, where)) if spec.id else str(lineno)
+        rid = _text(row, spec.id, where, "id") if spec.id else str(lineno)
         if rid in ids:
-            raise DataError(f"{where}: duplicate id '{rid}'", "make ids unique or drop the 'id' mapping")
+            raise DataError(f"{where}: duplicate id '{rid[:80]}'", "make ids unique or drop the 'id' mapping")
         ids.add(rid)
-        group = str(_cell(row, spec.group, where)) if spec.group else None
-        meta = {"split": str(_cell(row, spec.split, where)).strip().lower()} if spec.split else {}
+        group = _text(row, spec.group, where, "group") if spec.group else None
+        meta = {"split": _text(row, spec.split, where, "split").strip().lower()} if spec.split else {}
         examples.append(Example(id=f"{spec.name}-{rid}", prompt=spec.prompt_template.format(question=question),
                                 choices=tuple(f" {c}" for c in choices), gold=gold, group=group, meta=meta))
     if not examples:
         raise DataError(f"task '{spec.name}': '{path}' holds no records", "check the file")
     return examples
+
+
+def _drop_exact_duplicates(examples: list[Example], spec: UserTaskSpec) -> list[Example]:
+    """One example per (question, choices): an exact repeat is dropped and counted in a warning; a repeat with
+    another answer or group is an error."""
+    kept: dict[tuple, Example] = {}
+    for ex in examples:
+        first = kept.setdefault((ex.prompt, ex.choices), ex)
+        if (first.gold, first.group) != (ex.gold, ex.group):
+            raise DataError(f"{spec.path}: records {first.id} and {ex.id} have the same question and choices but a "
+                            "different answer or group", "fix or delete one of them")
+    if len(kept) < len(examples):
+        log.warning("task '%s': dropped %d records of %s that repeat an earlier record (same question, choices and "
+                    "answer)", spec.name, len(examples) - len(kept), spec.path)
+    return list(kept.values())
 
 
 def split_user_examples(examples: list[Example], spec: UserTaskSpec, seed: int) -> Splits:
@@ -118,7 +157,7 @@ def split_user_examples(examples: list[Example], spec: UserTaskSpec, seed: int) 
                                 "use train, validation or test")
             splits.setdefault(ex.meta["split"], []).append(ex)
         return splits
-    unique = drop_duplicates(examples, key=lambda e: e.prompt)
+    unique = _drop_exact_duplicates(examples, spec)
     train, test = stratified_split(unique, lambda e: (e.group, e.gold), spec.test_fraction, seed, spec.name)
     return {"train": train, "test": test}
 
@@ -137,5 +176,5 @@ def register_user_task(spec: UserTaskSpec | dict[str, Any]) -> str:
         return split_user_examples(load_user_examples(spec), spec, seed)
 
     register_task(spec.name, kind=spec.kind, description=f"user dataset {spec.path}", group_field=spec.group,
-                  needs_data_dir=False)(load)
+                  needs_data_dir=False, data_files=(str(spec.path.resolve()),))(load)
     return spec.name
