@@ -265,3 +265,14 @@ def test_long_sweep_labels_and_custom_task_paths(tmp_path):
                             "chains": [{"name": "c", "stages": [{"task": "mine"}]}]})[0].cfg
         keys.append(build_plan(cfg)[2][0].key)
     assert keys[0] != keys[1]
+
+
+def test_summary_mixes_one_seed_and_several_seed_chains(tmp_path, tiny_model_dir, real_data_dir):
+    cfg = sweep_config(tmp_path / "out", tiny_model_dir, real_data_dir, sweep=None, chains=[
+        {"name": "both", "stages": [{"task": "toxigenqa"}, {"task": "arc_easy"}]},
+        {"name": "one", "seeds": [1], "stages": [{"task": "toxigenqa"}, {"task": "arc_easy", "lr": 5e-4}]}])
+    run_inline(cfg)
+    forgetting = summary_tables(tmp_path / "out")["forgetting"].set_index("chain")
+    assert forgetting.seeds.to_dict() == {"both": 2, "one": 1}
+    metrics = yaml.safe_load((tmp_path / "out" / "runs" / "one-seed1" / "metrics.json").read_text())
+    assert forgetting.loc["one", "F_ci_low"] == metrics["forgetting"][0]["F_ci_low"]  # the bootstrap CI of its run

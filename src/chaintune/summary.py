@@ -157,9 +157,10 @@ def summary_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
         single = table.seeds == 1  # one seed: the CI of F is the paired bootstrap over test questions instead
         if single.any():
             keys = ["chain", "task", "trained_stage", "after_stage"]
-            boot = table[keys].merge(forg[keys + ["F_ci_low", "F_ci_high"]], on=keys, how="left")
+            one = forg.groupby(keys, as_index=False)[["F_ci_low", "F_ci_high"]].first()  # 1 row per key: aligned
+            boot = table[keys].merge(one, on=keys, how="left")
             for col in ("F_ci_low", "F_ci_high"):
-                table.loc[single, col] = boot.loc[single, col].to_numpy()
+                table.loc[single, col] = boot.loc[single.to_numpy(), col].to_numpy()
         tables["forgetting"] = table
         tables["order_asymmetry"] = _order_asymmetry(runs, forg)
     groups = _flat(runs, "group_forgetting")
