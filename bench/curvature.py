@@ -2,7 +2,11 @@
 
 After a short training stage on the embedded SmolLM2-135M (or none, with --no-train), both compute λ_max of the
 Hessian of the mean answer-token cross-entropy over the same seeded subset of the stage's training data, w.r.t. the
-trainable parameters, by power iteration with the same stopping rule (relative change < tol, at most max_iter).
+trainable parameters, stopping when the relative change of the estimate is < tol (at most max_iter HVPs):
+chaintune by Lanczos from its sampled-gradient start vector (its default, which also requires a small residual, see
+docs/curvature.md; --power adds its power iteration), PyHessian by power iteration from its random start
+(torch.randn after torch.manual_seed(seed)) in its multi-batch mode (`dataloader=`, the only one that takes the same
+micro-batches; its single-batch mode keeps the graph but needs all examples in one batch).
 
 Same batches: PyHessian iterates over chaintune's own micro-batches (`HessianOperator.batches`: the subset sorted
 by length, chunks of --micro-batch). Same loss: PyHessian's model is a thin wrapper whose forward takes the packed
@@ -11,24 +15,25 @@ its criterion is CE_sum(batch) · N / (T · B), with N examples and T answer tok
 batch. PyHessian averages per-batch HVPs weighted by B / N, so the weighted sum is exactly chaintune's Σ CE / T for
 any batching; with equal-size batches and equal answer-token counts per example (toxigenqa: 1 token each, 64/8 → 8
 batches of 8) the criterion is literally the per-batch mean answer-token CE. The bench checks that both losses agree.
-Eager attention is forced for both (the CPU flash kernel has no double backward). PyHessian starts from its own
-random vector (torch.randn after torch.manual_seed(seed)); chaintune from its seeded one.
+Eager attention is forced for both (the CPU flash kernel has no double backward). Times: chaintune's include
+subsetting, tokenization and its start-vector pass; PyHessian's only its eigenvalues() call.
 
-Memory: each measurement runs in a fresh subprocess (same thread count). The peak RSS high-water mark is reset to
-the current RSS after setup (/proc/self/clear_refs, value 5) and read back (VmHWM) after one HVP over the subset or
-one optimizer step of `train_stage` (batch = --micro-batch examples, the same method); the number printed is the
-peak minus the RSS just before. torch's CPU allocator returns large blocks to the OS, so RSS follows tensor memory;
-tracemalloc does not see torch's allocations. Without clear_refs it falls back to the ru_maxrss delta.
+Memory, for LoRA and full fine-tuning whatever --method: each measurement runs in a fresh subprocess (same thread
+count). The peak RSS high-water mark is reset to the current RSS after setup (/proc/self/clear_refs, value 5) and
+read back (VmHWM) after `measure_curvature` capped at 2 Lanczos iterations (start vector, two HVPs, solver vectors,
+kept graphs: everything λ_max holds at once) or after one optimizer step of `train_stage` (batch = --micro-batch
+examples, the same method); the number printed is the peak minus the RSS just before. torch's CPU allocator returns
+large blocks to the OS, so RSS follows tensor memory; tracemalloc does not see torch's allocations. Without
+clear_refs it falls back to the ru_maxrss delta.
 
 Needs `pip install pyhessian==0.1` (torch + numpy only). Set OMP_NUM_THREADS=1 on shared machines (--threads 1).
 
     python bench/curvature.py [--method lora|full] [--steps 4] [--examples 64] [--micro-batch 8] [--no-train]
-                              [--profile] [--skip lambda|pyhessian|memory]
+                              [--graph-budget BYTES] [--power] [--profile] [--skip lambda|pyhessian|memory]
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -56,11 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--max-iter", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--graph-budget", type=float, default=0,
+                        help="bytes of first-order graphs chaintune may keep between HVPs (default 0)")
+    parser.add_argument("--power", action="store_true", help="also chaintune's power iteration")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (shared machines: keep 1)")
     parser.add_argument("--skip", choices=["lambda", "pyhessian", "memory"], action="append", default=[],
                         help="leave out a part (lambda: both λ_max computations)")
     parser.add_argument("--profile", action="store_true", help="time the phases of one micro-batch HVP")
-    parser.add_argument("--memory-child", choices=["hvp", "train"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", choices=["curvature", "train"], help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -142,32 +150,38 @@ def run_pyhessian(model, op, args: argparse.Namespace) -> dict[str, float]:
 
 
 def compare(model, tokenizer, examples: list, op, args: argparse.Namespace) -> None:
-    """λ_max by chaintune's measure_curvature and by PyHessian; agreement and wall times."""
+    """λ_max by chaintune's measure_curvature (Lanczos; power iteration with --power) and by PyHessian."""
     from chaintune.curvature import measure_curvature
 
-    start = time.perf_counter()
-    ours = measure_curvature(model, tokenizer, examples, n_examples=args.examples, seed=args.seed,
-                             micro_batch=args.micro_batch, tol=args.tol, max_iter=args.max_iter)
-    ours_seconds = time.perf_counter() - start
-    rows = {"chaintune": {"lambda_max": ours.lambda_max, "seconds": ours_seconds, "hvps": ours.hvp_calls,
-                          "loss": ours.loss}}
+    rows, runs = {}, {}
+    for method in ["lanczos", "power"] if args.power else ["lanczos"]:
+        start = time.perf_counter()
+        run = measure_curvature(model, tokenizer, examples, n_examples=args.examples, seed=args.seed,
+                                micro_batch=args.micro_batch, tol=args.tol, max_iter=args.max_iter, method=method,
+                                graph_budget=args.graph_budget)
+        runs[method] = run
+        rows[f"chaintune {method}"] = {"lambda_max": run.lambda_max, "seconds": time.perf_counter() - start,
+                                       "hvps": run.hvp_calls, "loss": run.loss}
     if "pyhessian" not in args.skip:
-        rows["pyhessian"] = run_pyhessian(model, op, args)
-    print(f"{'tool':<10} {'λ_max':>12} {'HVPs':>6} {'seconds':>9} {'s/HVP':>7} {'loss':>10}")
+        rows["PyHessian power"] = run_pyhessian(model, op, args)
+    print(f"{'tool':<18} {'λ_max':>12} {'HVPs':>5} {'seconds':>9} {'s/HVP':>7} {'loss':>10}")
     for tool, r in rows.items():
-        print(f"{tool:<10} {r['lambda_max']:>12.6f} {r['hvps']:>6.0f} {r['seconds']:>9.1f} "
+        print(f"{tool:<18} {r['lambda_max']:>12.6f} {r['hvps']:>5.0f} {r['seconds']:>9.1f} "
               f"{r['seconds'] / r['hvps']:>7.2f} {r['loss']:>10.6f}")
-    print(f"chaintune: {ours.iterations} power iterations, converged={ours.converged} (its seconds include "
-          f"subsetting, tokenization and one no-grad loss pass; PyHessian's only its eigenvalues() call)")
-    if "pyhessian" in rows:
-        ph = rows["pyhessian"]
-        rel = abs(ours.lambda_max - ph["lambda_max"]) / abs(ph["lambda_max"])
-        print(f"loss agreement: |Δ| = {abs(ours.loss - ph['loss']):.2e} (same loss and batches)")
-        print(f"λ_max relative difference: {rel:.3%} (target ≤ 2%) → {'OK' if rel <= 0.02 else 'MISS'}")
-        ratio = ph["seconds"] / ours_seconds
-        per_hvp = (ph["seconds"] / ph["hvps"]) / (ours_seconds / ours.hvp_calls)
-        print(f"time PyHessian / chaintune: {ratio:.2f}× (target ≥ 2×) → {'OK' if ratio >= 2 else 'MISS'}; "
-              f"per HVP: {per_hvp:.2f}×")
+    for method, run in runs.items():
+        print(f"chaintune {method}: {run.iterations} iterations, converged={run.converged}, plus one forward+backward "
+              f"pass per micro-batch for the start vector (in its seconds)")
+    if "PyHessian power" in rows:
+        ph = rows["PyHessian power"]
+        print(f"loss agreement: |Δ| = {abs(runs['lanczos'].loss - ph['loss']):.2e} (same loss and batches)")
+        for tool, r in rows.items():
+            if tool == "PyHessian power":
+                continue
+            rel = abs(r["lambda_max"] - ph["lambda_max"]) / abs(ph["lambda_max"])
+            ratio = ph["seconds"] / r["seconds"]
+            print(f"{tool}: λ_max relative difference {rel:.3%} (target ≤ 2%) → {'OK' if rel <= 0.02 else 'MISS'}; "
+                  f"time PyHessian / {tool}: {ratio:.2f}× (target ≥ 2×) → {'OK' if ratio >= 2 else 'MISS'}; HVPs "
+                  f"{ph['hvps']:.0f} vs {r['hvps']:.0f}")
 
 
 def profile_hvp(model, op) -> None:
@@ -185,8 +199,7 @@ def profile_hvp(model, op) -> None:
         t1 = time.perf_counter()
         grads = torch.autograd.grad(loss / op.n_tokens, op.params, create_graph=True)
         t2 = time.perf_counter()
-        dot = sum((g * u).sum() for g, u in zip(grads, vs))
-        torch.autograd.grad(dot, op.params)
+        torch.autograd.grad(grads, op.params, grad_outputs=vs)
         t3 = time.perf_counter()
         with torch.no_grad():
             answer_loss_sum(model, *batch)
@@ -194,7 +207,7 @@ def profile_hvp(model, op) -> None:
         loss, _ = answer_loss_sum(model, *batch)
         torch.autograd.grad(loss, op.params)
         t5 = time.perf_counter()
-        phases = {"forward (graph)": t1 - t0, "grad, create_graph": t2 - t1, "second grad (g·v)": t3 - t2,
+        phases = {"forward (graph)": t1 - t0, "grad, create_graph": t2 - t1, "second grad (v as cotangent)": t3 - t2,
                   "HVP total": t3 - t0, "forward (no_grad)": t4 - t3, "forward+backward (gradient)": t5 - t4}
         print(f"profile — one micro-batch of {batch[0].shape[0]}×{batch[0].shape[1]} tokens:")
         for name, secs in phases.items():
@@ -211,36 +224,33 @@ def _rss_kib(field: str) -> int:
 
 
 def memory_child(args: argparse.Namespace) -> None:
-    """Runs in its own process: peak extra RSS (MiB) of one HVP over the subset, or of one training step."""
-    from chaintune.curvature import HessianOperator, eager_attention
+    """Runs in its own process: peak extra RSS (MiB) of λ_max capped at 2 iterations, or of one training step."""
+    from chaintune.curvature import measure_curvature
     from chaintune.train import train_stage
 
     model, tokenizer, examples, cfg = setup(args, train=False)  # weights' values do not change memory
-    subset = curvature_subset(examples, args)
-    stack = contextlib.ExitStack()
-    if args.memory_child == "hvp":
-        stack.enter_context(eager_attention(model))
-        op = HessianOperator(model, tokenizer, subset, micro_batch=args.micro_batch)
-        v = torch.randn(op.dim)
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # reset VmHWM to the current RSS
         method, before = "VmHWM", _rss_kib("VmRSS")
     except OSError:
         method, before = "ru_maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if args.memory_child == "hvp":
-        op(v)
+    start = time.perf_counter()
+    if args.memory_child == "curvature":
+        measure_curvature(model, tokenizer, examples, n_examples=args.examples, seed=args.seed,
+                          micro_batch=args.micro_batch, max_iter=2, graph_budget=args.graph_budget)
     else:
-        train_stage(model, tokenizer, subset, cfg.model_copy(update={"max_steps": 1}), seed=args.seed)
-    stack.close()
+        train_stage(model, tokenizer, curvature_subset(examples, args), cfg.model_copy(update={"max_steps": 1}),
+                    seed=args.seed)
+    seconds = time.perf_counter() - start
     after = _rss_kib("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": (after - before) / 1024, "method": method}))
+    print(json.dumps({"peak_mib": (after - before) / 1024, "method": method, "seconds": seconds}))
 
 
-def measure_memory(kind: str, argv: list[str]) -> dict[str, Any]:
+def measure_memory(kind: str, argv: list[str], method: str) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    out = subprocess.run([sys.executable, __file__, *argv, "--memory-child", kind], capture_output=True, text=True,
-                         env=env, check=True)
+    out = subprocess.run([sys.executable, __file__, *argv, "--method", method, "--memory-child", kind],
+                         capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -271,10 +281,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         profile_hvp(model, op)
     if "memory" not in args.skip:
-        hvp, step = measure_memory("hvp", argv), measure_memory("train", argv)
-        print(f"peak extra RSS ({hvp['method']}, fresh subprocess each): one HVP over {len(subset)} examples "
-              f"{hvp['peak_mib']:.0f} MiB vs one {args.method} training step (batch {args.micro_batch}, AdamW) "
-              f"{step['peak_mib']:.0f} MiB → ratio {hvp['peak_mib'] / step['peak_mib']:.2f}")
+        budget = f"graph budget {args.graph_budget:g} B"
+        for method in ("lora", "full"):
+            curv, step = measure_memory("curvature", argv, method), measure_memory("train", argv, method)
+            print(f"peak extra RSS ({curv['method']}, fresh subprocess each), {method}: λ_max capped at 2 Lanczos "
+                  f"iterations over {len(subset)} examples ({budget}) {curv['peak_mib']:.0f} MiB "
+                  f"({curv['seconds']:.0f} s) vs one training step (batch {args.micro_batch}, AdamW) "
+                  f"{step['peak_mib']:.0f} MiB → ratio {curv['peak_mib'] / step['peak_mib']:.2f} (target < 4)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Curvature (SPEC.md §6): exact HVPs checked against a Hessian formed in full on a tiny model, eigen-solvers and
-Hutchinson against `eigvalsh`/trace, micro-batch invariance, PEFT LoRA, state restoration, determinism.
+Hutchinson against `eigvalsh`/trace, micro-batch invariance, graph reuse, the eager-attention guard, PEFT LoRA, state
+restoration, determinism.
 
 The exact-Hessian model is tiny_llama(hidden_size=8, num_layers=1) with only the attention projections, the norms
 and down_proj trainable (344 parameters), so H (344×344) is built column by column from 344 HVPs in a few seconds.
@@ -7,6 +8,7 @@ and down_proj trainable (344 parameters), so H (344×344) is built column by col
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import asdict, dataclass
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 from chaintune.config import TrainingConfig
 from chaintune.curvature import (HessianOperator, eager_attention, hutchinson_trace, lanczos, measure_curvature,
                                  power_iteration)
+from chaintune.errors import ChaintuneError
 from chaintune.models import tiny_llama
 from chaintune.tasks import Example
 from chaintune.train import answer_loss_sum, attach_lora
@@ -47,14 +50,20 @@ class Exact:
 def exact() -> Exact:
     torch.manual_seed(0)
     model, tokenizer = _tiny_exact_model()
-    with eager_attention(model):
-        op = HessianOperator(model, tokenizer, _examples(12), micro_batch=4)
+    with eager_attention(model):  # graphs kept: the 344 columns take one second backward each
+        op = HessianOperator(model, tokenizer, _examples(12), micro_batch=4, graph_budget=1e9)
         hessian = torch.stack([op(e) for e in torch.eye(op.dim)], dim=1)
+    assert op.kept == [0, 1, 2]
     return Exact(model, tokenizer, op, hessian, torch.linalg.eigvalsh((hessian + hessian.T) / 2))
 
 
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
+
+
+def _dominant(exact: Exact) -> float:
+    ev = exact.eigenvalues
+    return ev[ev.abs().argmax()].item()
 
 
 def test_exact_hessian_is_symmetric_and_small_enough(exact: Exact):
@@ -132,10 +141,44 @@ def test_power_iteration_matches_eigvalsh(exact: Exact):
 def test_lanczos_top_k_matches_eigvalsh(exact: Exact):
     top = exact.eigenvalues.flip(0)[:3].tolist()
     with eager_attention(exact.model):
-        found = lanczos(exact.op, exact.op.dim, exact.op.device, k=3, seed=0)  # default steps (as measure_curvature)
+        lam, found, iterations, converged = lanczos(exact.op, exact.op.dim, exact.op.device, k=3, seed=0, tol=1e-6)
+    assert converged and iterations < exact.op.dim // 4
     assert len(found) == 3 and found == sorted(found, reverse=True)
     for got, want in zip(found, top):
         assert _rel(got, want) < 1e-4
+    assert _rel(lam, _dominant(exact)) < 1e-4
+
+
+@pytest.mark.parametrize("start", ["random", "sampled gradient"])
+def test_early_stopped_lanczos_matches_eigvalsh_top_eigenvalue(exact: Exact, start: str):
+    """k = 1: three-term recurrence, stopped by the change + residual rule long before the Krylov space is full."""
+    with eager_attention(exact.model):
+        v0 = exact.op.start_vector(seed=0) if start != "random" else None
+        lam, top, iterations, converged = lanczos(exact.op, exact.op.dim, exact.op.device, seed=0, tol=1e-6, start=v0)
+        _, power_iterations, _ = power_iteration(exact.op, exact.op.dim, exact.op.device, seed=0, tol=1e-6,
+                                                 max_iter=2000, start=v0)
+    assert converged and iterations < min(exact.op.dim // 10, power_iterations)
+    assert _rel(lam, _dominant(exact)) < 1e-4 and _rel(top[0], exact.eigenvalues[-1].item()) < 1e-4
+
+
+def test_lanczos_keeps_the_basis_only_for_top_k(exact: Exact):
+    """Memory: for λ_max alone at most the current and previous Lanczos vectors are alive when an HVP runs."""
+    def run(k: int) -> tuple[int, int]:
+        refs: list[weakref.ref] = []
+        most = 0
+
+        def hvp(v: torch.Tensor) -> torch.Tensor:
+            nonlocal most
+            refs.append(weakref.ref(v))
+            most = max(most, sum(r() is not None for r in refs))
+            return exact.hessian @ v
+
+        _, _, iterations, _ = lanczos(hvp, exact.op.dim, exact.op.device, k=k, seed=0, tol=1e-6)
+        return most, iterations
+
+    assert run(1)[0] == 2
+    most, iterations = run(3)
+    assert most == iterations > 2
 
 
 def test_hutchinson_trace_within_three_standard_errors(exact: Exact):
@@ -160,6 +203,71 @@ def test_micro_batching_does_not_change_the_operator(exact: Exact, micro_batch: 
     assert torch.allclose(hv, reference, atol=1e-5 * reference.norm().item())
 
 
+def test_graph_reuse_equals_recompute(exact: Exact):
+    """Keeping all, some or none (budget too small) of the first-order graphs gives the same HVPs, first call and
+    later calls alike."""
+    vectors = torch.randn(3, exact.op.dim, generator=torch.Generator().manual_seed(4))
+
+    def run(budget: float) -> tuple[HessianOperator, torch.Tensor]:
+        op = HessianOperator(exact.model, exact.tokenizer, _examples(12), micro_batch=3, graph_budget=budget)
+        return op, torch.stack([op(v) for v in vectors])
+
+    with eager_attention(exact.model):
+        (recompute, reference), (too_small, _), (keep_all, all_kept) = run(0), run(1), run(1e9)
+        some, some_kept = run(0.7 * keep_all.graph_bytes)
+    assert recompute.kept == too_small.kept == [] and keep_all.kept == [0, 1, 2, 3] and 0 < len(some.kept) < 4
+    assert 0 < some.graph_bytes <= some.graph_budget
+    for result in (all_kept, some_kept):
+        assert torch.allclose(result, reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
+
+
+def test_kept_graphs_refuse_changed_parameters():
+    model, tokenizer = _tiny_exact_model()
+    v = torch.randn(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    with eager_attention(model):
+        op = HessianOperator(model, tokenizer, _examples(4), micro_batch=2, graph_budget=1e9)
+        op(v)
+        with torch.no_grad():
+            op.params[0].add_(0.1)
+        with pytest.raises(ChaintuneError, match="parameters changed"):
+            op(v)
+
+
+def test_hessian_operator_outside_eager_attention_is_a_one_line_chaintune_error(exact: Exact):
+    assert exact.model.config._attn_implementation != "eager"
+    with pytest.raises(ChaintuneError, match="eager attention") as info:
+        exact.op(torch.ones(exact.op.dim))
+    assert "\n" not in str(info.value) and "eager_attention(model)" in str(info.value)
+
+
+def test_start_vector_is_a_seeded_unit_vector_and_records_the_loss(exact: Exact):
+    with eager_attention(exact.model):
+        op = HessianOperator(exact.model, exact.tokenizer, _examples(12), micro_batch=5)
+        v0, again, other = op.start_vector(0), op.start_vector(0), op.start_vector(1)
+        no_grad_pass = HessianOperator(exact.model, exact.tokenizer, _examples(12), micro_batch=5).loss()
+    assert abs(op.loss() - no_grad_pass) < 1e-6
+    assert abs(v0.norm().item() - 1) < 1e-6 and torch.equal(v0, again) and not torch.equal(v0, other)
+    # it leans toward the top eigenvector: squared overlap far above a random unit vector's 1/dim on average
+    top = torch.linalg.eigh((exact.hessian + exact.hessian.T) / 2).eigenvectors[:, -1]
+    assert (top @ v0) ** 2 > 10 / exact.op.dim
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_measure_curvature_matches_exact_lambda_max(exact: Exact, method: str):
+    result = measure_curvature(exact.model, exact.tokenizer, _examples(12), n_examples=12, micro_batch=4, tol=1e-6,
+                               max_iter=2000, method=method, topk=3, graph_budget=1e9)
+    assert result.converged and result.method == method and result.n_parameters == exact.op.dim
+    assert _rel(result.lambda_max, _dominant(exact)) < 1e-4
+    for got, want in zip(result.topk, exact.eigenvalues.flip(0)[:3].tolist()):
+        assert _rel(got, want) < 1e-4
+    assert (result.iterations < 30) == (method == "lanczos")
+
+
+def test_measure_curvature_rejects_an_unknown_method(exact: Exact):
+    with pytest.raises(ChaintuneError, match="unknown curvature method"):
+        measure_curvature(exact.model, exact.tokenizer, _examples(4), method="arnoldi")
+
+
 def test_measure_curvature_through_lora_counts_adapters_and_restores_state():
     model, tokenizer = tiny_llama(seed=0)
     model = attach_lora(model, TrainingConfig(method="lora"), seed=0)
@@ -174,10 +282,10 @@ def test_measure_curvature_through_lora_counts_adapters_and_restores_state():
     adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     model.train()
     result = measure_curvature(model, tokenizer, _examples(16), n_examples=8, micro_batch=3, topk=2, trace=True,
-                               trace_samples=4, max_iter=15)
+                               trace_samples=4, max_iter=15, graph_budget=1e9)
     assert result.n_parameters == adapters and trainable == {n for n, p in model.named_parameters() if "lora_" in n}
     assert result.n_examples == 8 and result.lambda_max != 0 and len(result.topk) == 2
-    assert result.hvp_calls >= result.iterations + 4 and result.trace is not None
+    assert result.hvp_calls >= result.iterations + 4 and result.trace is not None and result.method == "lanczos"
     assert model.training and all(m.training for m in model.modules())
     assert base.config._attn_implementation == attn_before
     assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}

@@ -1,8 +1,9 @@
-"""Curvature of the training loss after a stage (SPEC.md §6): exact Hessian-vector products, power iteration,
-Lanczos top-k eigenvalues and Hutchinson trace, over the trainable parameters only (full model or LoRA adapters).
+"""Curvature of the training loss after a stage (SPEC.md §6): exact Hessian-vector products, Lanczos (default) or
+power iteration for λ_max, Lanczos top-k eigenvalues and Hutchinson trace, over the trainable parameters only (full
+model or LoRA adapters). Choices and measurements: docs/curvature.md.
 
-HVPs use double backward through the eager attention path (PyTorch's fused CPU attention kernels have no double
-backward) in fp32, streamed over micro-batches so memory stays that of one micro-batch.
+HVPs use double backward through the eager attention path (PyTorch's fused attention kernels have no double
+backward) in fp32, streamed over micro-batches so memory stays that of one micro-batch (unless graphs are kept).
 """
 from __future__ import annotations
 
@@ -15,15 +16,23 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from chaintune.errors import ChaintuneError
+from chaintune.evaluate import decoder_and_head
 from chaintune.tasks import Example
 from chaintune.tasks.splits import stable_seed, subsample
 from chaintune.train import IGNORE, SFTExample, _collate, answer_loss_sum, tokenize_sft
+
+METHODS = ("lanczos", "power")
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @contextlib.contextmanager
 def eager_attention(model) -> Iterator[None]:
     """Temporarily switch a Hugging Face model to the eager attention implementation (double-backward safe)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     previous = base.config._attn_implementation
     base.set_attn_implementation("eager")
     try:
@@ -32,13 +41,26 @@ def eager_attention(model) -> Iterator[None]:
         base.set_attn_implementation(previous)
 
 
+def _require_eager(model) -> None:
+    implementation = getattr(getattr(_base(model), "config", None), "_attn_implementation", "eager")
+    if implementation != "eager":
+        raise ChaintuneError(f"Hessian-vector products need eager attention, but the model uses '{implementation}' "
+                             "(its kernels have no double backward)",
+                             "call the HessianOperator inside `with chaintune.curvature.eager_attention(model):`")
+
+
 class HessianOperator:
     """v ↦ H v for the mean answer-token cross-entropy over a fixed set of examples (trainable parameters only).
 
-    Use it inside `eager_attention(model)` with the model in eval mode (no dropout: the same H at every call).
+    Per micro-batch, a call runs the forward pass, the gradient with create_graph=True and a second backward. With
+    `graph_budget` > 0 (bytes), the first call keeps the first-order graphs of the micro-batches that fit in it
+    (counted as the tensors autograd saves, plus one gradient-sized sum) and later calls run only their second
+    backward; the others are recomputed at every call (changed parameters then raise). Use it inside
+    `eager_attention(model)`, in eval mode (no dropout: the same H at every call).
     """
 
-    def __init__(self, model, tokenizer, examples: Sequence[Example], micro_batch: int = 8, max_length: int = 512):
+    def __init__(self, model, tokenizer, examples: Sequence[Example], micro_batch: int = 8, max_length: int = 512,
+                 graph_budget: float = 0):
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -50,27 +72,103 @@ class HessianOperator:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.batches = [_collate([data[i] for i in order[s:s + micro_batch]], pad, self.device)
                         for s in range(0, len(order), micro_batch)]
-        self.dim = sum(p.numel() for p in self.params)
+        self.sizes = [p.numel() for p in self.params]
+        self.dim = sum(self.sizes)
+        self.graph_budget = graph_budget
+        self.graph_bytes = 0  # estimated bytes held by the kept graphs
+        self.kept: list[int] = []  # micro-batches whose first-order graph is kept
         self.calls = 0
+        self._kept_grads: tuple[torch.Tensor, ...] | None = None  # Σ of the kept micro-batches' gradients, with graph
+        self._versions: list[int] = []  # parameter versions when the graphs were kept (the byte count skips autograd's)
+        self._loss: float | None = None
 
     def loss(self) -> float:
-        with torch.no_grad():
-            return sum(answer_loss_sum(self.model, *b)[0].item() for b in self.batches) / self.n_tokens
+        """Mean answer-token loss over the examples (from `start_vector`'s forward passes when it ran)."""
+        if self._loss is None:
+            with torch.no_grad():
+                self._loss = sum(answer_loss_sum(self.model, *b)[0].item() for b in self.batches) / self.n_tokens
+        return self._loss
+
+    def start_vector(self, seed: int) -> torch.Tensor:
+        """Unit start vector for the eigen-solvers: Σ ∇CE(logits, y) over the answer tokens with each label y drawn
+        from the model's own prediction (seeded). A random vector whose covariance is the Fisher, the Gauss-Newton
+        part of H, so it leans toward H's top eigenvectors (a seeded random unit vector if it is zero). One forward
+        + backward per micro-batch; records the loss on the way."""
+        generator = torch.Generator().manual_seed(stable_seed("fisher-start", seed))
+        total, loss_sum = [torch.zeros_like(p) for p in self.params], 0.0
+        decoder, head = decoder_and_head(self.model)
+        for ids, labels, mask in self.batches:
+            target = labels[:, 1:]
+            rows, cols = (target != IGNORE).nonzero(as_tuple=True)
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            logits = head(hidden[rows, cols]).float()
+            loss_sum += torch.nn.functional.cross_entropy(logits.detach(), target[rows, cols], reduction="sum").item()
+            sampled = torch.multinomial(logits.detach().softmax(-1).cpu(), 1, generator=generator)[:, 0]
+            grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, sampled.to(logits.device),
+                                                                          reduction="sum"), self.params)
+            for acc, g in zip(total, grads):
+                acc.add_(g)
+        self._loss = loss_sum / self.n_tokens
+        start = torch.cat([t.reshape(-1).float() for t in total])
+        norm = start.norm()
+        return start / norm if norm > 0 else _random_unit(self.dim, stable_seed("lanczos", seed), self.device)
 
     def __call__(self, vector: torch.Tensor) -> torch.Tensor:
-        """H·vector for a flat fp32 vector of length `dim`."""
-        chunks = list(torch.split(vector, [p.numel() for p in self.params]))
-        vs = [c.view_as(p).to(p.dtype) for c, p in zip(chunks, self.params)]
-        out = [torch.zeros_like(p) for p in self.params]
-        for batch in self.batches:
+        """H·vector for a flat fp32 vector of length `dim` (a new tensor)."""
+        _require_eager(self.model)
+        if self.kept and self._versions != [p._version for p in self.model.parameters()]:
+            raise ChaintuneError("the model's parameters changed after the HessianOperator kept their graphs",
+                                 "build a new HessianOperator for the new parameters")
+        vs = [c.view_as(p).to(p.dtype) for c, p in zip(torch.split(vector, self.sizes), self.params)]
+        out = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
+        outs = [o.view_as(p) for o, p in zip(torch.split(out, self.sizes), self.params)]
+        may_keep = self.calls == 0 and self.graph_budget > 0
+        for i, batch in enumerate(self.batches):
+            if i in self.kept:
+                continue
+            grads, saved = self._gradient_graph(batch, count=may_keep)
+            cost = saved + (0 if self.kept else sum(g.numel() * g.element_size() for g in grads))
+            if may_keep and self.graph_bytes + cost <= self.graph_budget:
+                self.kept.append(i)
+                self.graph_bytes += cost
+                self._kept_grads = grads if self._kept_grads is None else tuple(
+                    a + b for a, b in zip(self._kept_grads, grads))
+            else:
+                self._second_backward(grads, vs, outs, retain=False)
+        if self._kept_grads is not None:
+            self._second_backward(self._kept_grads, vs, outs, retain=True)
+        if self.calls == 0:
+            self._versions = [p._version for p in self.model.parameters()]
+        self.calls += 1
+        return out
+
+    def _gradient_graph(self, batch, count: bool) -> tuple[tuple[torch.Tensor, ...], int]:
+        """The micro-batch's share of the gradient, with its graph, and (if `count`) the bytes autograd saved for it
+        (distinct storages, parameters excluded)."""
+        storages: dict[int, int] = {}
+        skip = {p.untyped_storage().data_ptr() for p in self.model.parameters()} if count else set()
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            s = t.untyped_storage()
+            if s.data_ptr() not in skip:
+                storages[s.data_ptr()] = s.nbytes()
+            return t
+
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if count else contextlib.nullcontext()
+        with hooks:
             loss_sum, _ = answer_loss_sum(self.model, *batch)
             grads = torch.autograd.grad(loss_sum / self.n_tokens, self.params, create_graph=True)
-            dot = sum((g * v).sum() for g, v in zip(grads, vs))
-            hv = torch.autograd.grad(dot, self.params)
-            for acc, h in zip(out, hv):
-                acc.add_(h.detach())
-        self.calls += 1
-        return torch.cat([o.reshape(-1).float() for o in out])
+        return grads, sum(storages.values())
+
+    def _second_backward(self, grads, vs, outs, retain: bool) -> None:
+        pairs = [(g, v) for g, v in zip(grads, vs) if g.requires_grad]  # g without graph: zero Hessian rows
+        if not pairs:
+            return
+        hv = torch.autograd.grad([g for g, _ in pairs], self.params, grad_outputs=[v for _, v in pairs],
+                                 retain_graph=retain, allow_unused=True)
+        for acc, h in zip(outs, hv):
+            if h is not None:
+                acc.add_(h)
 
 
 @dataclass
@@ -86,6 +184,7 @@ class Curvature:
     loss: float = math.nan
     seconds: float = 0.0
     hvp_calls: int = 0
+    method: str = "lanczos"
 
 
 def _random_unit(dim: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -94,10 +193,15 @@ def _random_unit(dim: int, seed: int, device: torch.device) -> torch.Tensor:
     return (v / v.norm()).to(device)
 
 
-def power_iteration(hvp, dim: int, device: torch.device, seed: int = 0, tol: float = 1e-3,
-                    max_iter: int = 100) -> tuple[float, int, bool]:
-    """Largest-magnitude eigenvalue; stops when |λ_k − λ_{k−1}| / |λ_k| < tol. Returns (λ, iterations, converged)."""
-    v = _random_unit(dim, stable_seed("power", seed), device)
+def _start(start: torch.Tensor | None, dim: int, seed: int, salt: str, device: torch.device) -> torch.Tensor:
+    return _random_unit(dim, stable_seed(salt, seed), device) if start is None else start / start.norm()
+
+
+def power_iteration(hvp, dim: int, device: torch.device, seed: int = 0, tol: float = 1e-3, max_iter: int = 100,
+                    start: torch.Tensor | None = None) -> tuple[float, int, bool]:
+    """Largest-magnitude eigenvalue; stops when |λ_k − λ_{k−1}| / |λ_k| < tol. Returns (λ, iterations, converged).
+    Starts from `start` or else a seeded random unit vector."""
+    v = _start(start, dim, seed, "power", device)
     eigenvalue = None
     for it in range(1, max_iter + 1):
         hv = hvp(v)
@@ -112,25 +216,46 @@ def power_iteration(hvp, dim: int, device: torch.device, seed: int = 0, tol: flo
     return float(eigenvalue), max_iter, False
 
 
-def lanczos(hvp, dim: int, device: torch.device, k: int, steps: int | None = None, seed: int = 0) -> list[float]:
-    """Top-k eigenvalues (largest algebraic, descending) by Lanczos with full re-orthogonalisation."""
-    steps = min(dim, steps or max(2 * k + 20, 30))
-    q = _random_unit(dim, stable_seed("lanczos", seed), device)
-    basis, alphas, betas = [q], [], []
-    for j in range(steps):
-        w = hvp(basis[j])
-        alpha = float(torch.dot(w, basis[j]))
+def lanczos(hvp, dim: int, device: torch.device, k: int = 1, seed: int = 0, tol: float = 1e-3, max_iter: int = 100,
+            start: torch.Tensor | None = None) -> tuple[float, list[float], int, bool]:
+    """(λ_max, top-k eigenvalues descending, iterations, converged) by Lanczos, one HVP per iteration.
+
+    λ_max is the Ritz value of largest magnitude (what power iteration finds). Stops after `max_iter` iterations,
+    when the Krylov space is invariant, or when it and each of the k largest Ritz values θ change by < `tol`·|θ|
+    between two iterations (SPEC §6's rule) with residuals ρ = ‖Hy − θy‖ ≤ √(tol/10)·|θ|: a guard against plateaus
+    (by Kato–Temple the error is ≤ ρ²/gap, so ≤ tol·|θ| when the gap to the next eigenvalue is ≥ 10% of |θ|).
+    k = 1 runs the plain three-term recurrence: three `dim`-vectors in memory whatever the iteration count. k > 1
+    keeps the basis for full re-orthogonalisation: iterations × dim floats. Starts from `start`, else from a seeded
+    random unit vector.
+    """
+    q = _start(start, dim, seed, "lanczos", device)
+    basis = [q] if k > 1 else []
+    q_prev, beta = None, 0.0
+    alphas: list[float] = []
+    betas: list[float] = []
+    previous = None
+    for it in range(1, min(max_iter, dim) + 1):
+        w = hvp(q) if q_prev is None else hvp(q) - beta * q_prev
+        alpha = float(torch.dot(w, q))
+        w.sub_(q, alpha=alpha)
+        for b in basis:  # full re-orthogonalisation keeps inner Ritz values clean in float32
+            w.sub_(b, alpha=float(torch.dot(w, b)))
         alphas.append(alpha)
-        w = w - alpha * basis[j] - (betas[-1] * basis[j - 1] if j > 0 else 0)
-        for b in basis:  # full re-orthogonalisation keeps Ritz values clean in float32
-            w = w - torch.dot(w, b) * b
+        ritz, vectors = np.linalg.eigh(np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))  # ascending
         beta = float(w.norm())
-        if j == steps - 1 or beta < 1e-10:
-            break
+        index = [int(np.abs(ritz).argmax())] + ([it - 1 - j for j in range(min(k, it))] if k > 1 else [])
+        watched, residual = ritz[index], np.abs(beta * vectors[-1, index])
+        converged = (previous is not None and len(previous) == len(watched)
+                     and bool(np.all(np.abs(watched - previous) < tol * np.abs(watched)))
+                     and bool(np.all(residual <= math.sqrt(tol / 10) * np.abs(watched))))
+        if converged or beta <= 1e-6 * np.abs(ritz).max():  # invariant Krylov space: the Ritz values are exact
+            return float(watched[0]), ritz[::-1][:k].tolist(), it, True
+        previous = watched
         betas.append(beta)
-        basis.append(w / beta)
-    tri = np.diag(alphas) + np.diag(betas[: len(alphas) - 1], 1) + np.diag(betas[: len(alphas) - 1], -1)
-    return sorted(np.linalg.eigvalsh(tri).tolist(), reverse=True)[:k]
+        q_prev, q = q, w.div_(beta)
+        if k > 1:
+            basis.append(q)
+    return float(watched[0]), ritz[::-1][:k].tolist(), it, False
 
 
 def hutchinson_trace(hvp, dim: int, device: torch.device, samples: int = 50, seed: int = 0) -> tuple[float, float]:
@@ -146,9 +271,16 @@ def hutchinson_trace(hvp, dim: int, device: torch.device, samples: int = 50, see
 
 def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_examples: int = 512, seed: int = 0,
                       topk: int = 1, trace: bool = False, trace_samples: int = 50, micro_batch: int = 8,
-                      tol: float = 1e-3, max_iter: int = 100) -> Curvature:
+                      tol: float = 1e-3, max_iter: int = 100, method: str = "lanczos",
+                      graph_budget: float = 0) -> Curvature:
     """λ_max (and optionally top-k eigenvalues and the trace) of the Hessian of the mean training loss over a
-    seeded subset of `examples`, w.r.t. the model's trainable parameters, in fp32."""
+    seeded subset of `examples`, w.r.t. the model's trainable parameters, in fp32.
+
+    `method`: "lanczos" (default, fewer HVPs) or "power" for λ_max, both from `HessianOperator.start_vector`; the
+    top-k come from a second, re-orthogonalised Lanczos run from a seeded random vector. `graph_budget`: bytes of
+    first-order graphs the operator may keep between HVPs (0: recompute them; see docs/curvature.md)."""
+    if method not in METHODS:
+        raise ChaintuneError(f"unknown curvature method '{method}'", f"use one of {', '.join(METHODS)}")
     subset = subsample(list(examples), n_examples, seed, group=lambda e: e.group, salt="curvature")
     original_dtype = next(model.parameters()).dtype
     if {p.dtype for p in model.parameters()} != {torch.float32}:
@@ -158,11 +290,16 @@ def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_exampl
     model.eval()
     try:
         with eager_attention(model):
-            op = HessianOperator(model, tokenizer, subset, micro_batch=micro_batch)
-            lam, iters, converged = power_iteration(op, op.dim, op.device, seed, tol, max_iter)
-            result = Curvature(lam, iters, converged, n_examples=len(subset), n_parameters=op.dim, loss=op.loss())
-            if topk > 1:
-                result.topk = lanczos(op, op.dim, op.device, topk, seed=seed)
+            op = HessianOperator(model, tokenizer, subset, micro_batch=micro_batch, graph_budget=graph_budget)
+            v0 = op.start_vector(seed)
+            if method == "lanczos":
+                lam, _, iters, converged = lanczos(op, op.dim, op.device, 1, seed, tol, max_iter, start=v0)
+            else:
+                lam, iters, converged = power_iteration(op, op.dim, op.device, seed, tol, max_iter, start=v0)
+            result = Curvature(lam, iters, converged, n_examples=len(subset), n_parameters=op.dim, loss=op.loss(),
+                               method=method)
+            if topk > 1:  # a random start spreads over all eigenvectors evenly: fewer missed cluster members
+                result.topk = lanczos(op, op.dim, op.device, topk, seed, tol, max_iter)[1]
             if trace:
                 result.trace, result.trace_std_error = hutchinson_trace(op, op.dim, op.device, trace_samples, seed)
     finally:
