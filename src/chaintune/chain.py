@@ -106,6 +106,22 @@ def eval_done(path: Path, spec: dict[str, Any]) -> bool:
     return True
 
 
+def node_trained(folder: Path, node: Node) -> bool:
+    """The base model, or a stage whose node.json (written last, after its checkpoint) says done."""
+    meta = folder / "node.json"
+    return node.stage is None or (meta.is_file() and read_json(meta).get("status") == "done")
+
+
+def node_complete(cfg: ExperimentConfig, folder: Path, node: Node) -> bool:
+    """Trained, every evaluation stored with `cfg`'s settings (other settings raise), curvature measured if asked."""
+    if not node_trained(folder, node):
+        return False
+    if not all([eval_done(folder / "eval" / f"{t}.json", eval_spec(cfg, t)) for t in node.eval_tasks]):
+        return False
+    wants_curvature = cfg.curvature is not None and node.stage is not None and cfg.curvature.wants(node.index, node.stage)
+    return not wants_curvature or (folder / "curvature.json").is_file()
+
+
 def run_identity(cfg: ExperimentConfig, run: Run) -> str:
     """Stable id of a run: a hash of everything that determines its numbers (stages, seeds, evaluation)."""
     return config_hash({"nodes": [n.key for n in run.nodes],
@@ -225,8 +241,7 @@ class ChainRunner:
         return self.out / "stages" / node.dirname
 
     def node_done(self, node: Node) -> bool:
-        meta = self.node_dir(node) / "node.json"
-        return node.stage is None or (meta.is_file() and read_json(meta).get("status") == "done")
+        return node_trained(self.node_dir(node), node)
 
     def checkpoint_ok(self, node: Node) -> bool:
         """True if the node's checkpoint exists and matches the checksum recorded when it was saved."""
@@ -400,12 +415,7 @@ class ChainRunner:
 
     def finished(self, node: Node) -> bool:
         """The node and every node below it are trained, evaluated and measured: nothing needs its weights."""
-        wants_curvature = self.cfg.curvature is not None and node.stage is not None and self.cfg.curvature.wants(
-            node.index, node.stage)
-        return (self.node_done(node) and all([eval_done(self.eval_path(node, t), eval_spec(self.cfg, t))
-                                              for t in node.eval_tasks])
-                and (not wants_curvature or self.curvature_path(node).is_file())
-                and all(self.finished(c) for c in node.children))
+        return node_complete(self.cfg, self.node_dir(node), node) and all(self.finished(c) for c in node.children)
 
     def release_checkpoints(self) -> None:
         """With keep_checkpoints: false, delete a checkpoint once its node and every node below it are finished

@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 from rich.markup import escape
 
-from chaintune.chain import ChainRunner, Node, Run, build_plan, eval_done, eval_spec, run_identity, write_run
+from chaintune.chain import (ChainRunner, Node, Run, build_plan, eval_spec, node_complete, node_trained, run_identity,
+                             write_run)
 from chaintune.config import ExperimentConfig, config_hash, read_config, set_path, validate_config
 from chaintune.errors import ChaintuneError
 from chaintune.io import read_json, write_json, write_table, write_text
@@ -157,21 +158,10 @@ def plan_sweep(points: list[Point]) -> SweepPlan:
     return SweepPlan(points, out, runs, jobs, children)
 
 
-def _trained(plan: SweepPlan, node: Node) -> bool:
-    meta = plan.node_dir(node) / "node.json"
-    return node.stage is None or (meta.is_file() and read_json(meta).get("status") == "done")
-
-
 def job_done(plan: SweepPlan, job: Job) -> bool:
-    """Cheap check from the files: trained (node.json done), every evaluation present with the same settings,
-    curvature present if asked. Raises if a stored evaluation used other settings."""
-    cfg, node, folder = plan.points[job.point].cfg, job.node, plan.node_dir(job.node)
-    if not _trained(plan, node):
-        return False
-    if not all([eval_done(folder / "eval" / f"{t}.json", eval_spec(cfg, t)) for t in node.eval_tasks]):
-        return False
-    wants_curvature = cfg.curvature is not None and node.stage is not None and cfg.curvature.wants(node.index, node.stage)
-    return not wants_curvature or (folder / "curvature.json").is_file()
+    """Cheap check from the files (see chaintune.chain.node_complete); raises if a stored evaluation used other
+    settings."""
+    return node_complete(plan.points[job.point].cfg, plan.node_dir(job.node), job.node)
 
 
 def pending_jobs(plan: SweepPlan) -> set[str]:
@@ -374,7 +364,7 @@ def plan_status(points: list[Point], tokens_per_second: float | None = None) -> 
     estimate = estimate_seconds(plan, pending, tokens_per_second)
     return {"runs": pd.DataFrame(rows), "n_runs": len(plan.runs), "n_points": len(points),
             "stages_planned": len(trained), "stages_without_reuse": plan.stages_without_reuse,
-            "stages_done": sum(_trained(plan, n) for n in trained), "jobs": len(plan.jobs),
+            "stages_done": sum(node_trained(plan.node_dir(n), n) for n in trained), "jobs": len(plan.jobs),
             "jobs_pending": len(pending), "failed": {k: v for k, v in failures.items() if k in pending},
             "estimate_seconds": estimate}
 
