@@ -1,6 +1,7 @@
 """Chain engine on a tiny random model: results, prefix reuse, LR 0, determinism, resume after SIGKILL, NaN loss."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -148,10 +149,12 @@ def test_curvature_after_first_stage_is_stored_and_summarized(tmp_path, tiny_mod
 
     cfg = experiment(tmp_path, tiny_model_dir, real_data_dir, seeds=[0, 1, 2],
                      training={"lr": 1e-3, "batch_size": 4, "method": method, "lora": {"r": 2, "alpha": 4}},
-                     curvature={"after": ["first"], "examples": 8, "max_iter": 20})
+                     curvature={"after": ["first"], "examples": 8, "max_iter": 20,
+                                "method": "power" if method == "full" else "lanczos"})
     run(cfg)
     stored = sorted((tmp_path / "out" / "stages").glob("*/curvature.json"))
     assert [p.parent.name.split("-")[0] for p in stored] == ["s1"] * 3
+    assert {json.loads(p.read_text())["method"] for p in stored} == {"power" if method == "full" else "lanczos"}
     tables = summary_tables(tmp_path / "out")
     assert tables["curvature"].lambda_max.notna().all()
     corr = tables["curvature_vs_forgetting"]

@@ -96,6 +96,21 @@ def test_curvature_command(capsys, tmp_path, tiny_model_dir, real_data_dir):
     result = json.loads(out_file.read_text())
     assert result["n_examples"] == 8 and len(result["topk"]) == 2
     assert result["topk"] == sorted(result["topk"], reverse=True) and result["iterations"] >= 2
+    assert result["method"] == "lanczos"
+
+
+def test_curvature_command_power_method_agrees_with_lanczos(capsys, tmp_path, tiny_model_dir, real_data_dir):
+    results = {}
+    for method in ("lanczos", "power"):
+        out_file = tmp_path / f"{method}.json"
+        code, _, _ = run_cli(capsys, "curvature", "--model", str(tiny_model_dir), "--task", "toxigenqa",
+                             "--examples", "8", "--method", method, "--graph-budget-mib", "64",
+                             "--data-dir", str(real_data_dir), "--output", str(out_file))
+        assert code == 0
+        results[method] = json.loads(out_file.read_text())
+    assert results["power"]["method"] == "power"
+    lanczos, power = results["lanczos"]["lambda_max"], results["power"]["lambda_max"]
+    assert abs(lanczos - power) <= 0.02 * abs(lanczos)
 
 
 def test_compact_shows_mean_std_and_ci():

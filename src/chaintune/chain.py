@@ -406,7 +406,7 @@ class ChainRunner:
         result = measure_curvature(model, self.tokenizer, self.node_examples(node),
                                    n_examples=cc.examples, seed=node.seed, topk=cc.topk, trace=cc.trace,
                                    trace_samples=cc.trace_samples, micro_batch=cc.micro_batch, tol=cc.tol,
-                                   max_iter=cc.max_iter)
+                                   max_iter=cc.max_iter, method=cc.method, graph_budget=cc.graph_budget)
         if node.training.method == "lora":
             self.model = model.unload()  # drop the adapter again: parent weights, no merge
         write_json(self.curvature_path(node), {"stage": node.index, "task": node.stage.task, **vars(result)})

@@ -197,7 +197,8 @@ def cmd_curvature(args: argparse.Namespace) -> int:
     if not args.adapter:
         model.requires_grad_(True)
     result = measure_curvature(model, tokenizer, examples, n_examples=args.examples, seed=args.seed, topk=args.topk,
-                               trace=args.trace, micro_batch=args.micro_batch)
+                               trace=args.trace, micro_batch=args.micro_batch, method=args.method,
+                               graph_budget=args.graph_budget_mib * 2**20)
     row = {"task": task, "examples": result.n_examples, "parameters": result.n_parameters, "loss": result.loss,
            "lambda_max": result.lambda_max, "iterations": result.iterations, "converged": result.converged,
            "seconds": result.seconds}
@@ -311,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=1, help="also the top-k eigenvalues by Lanczos when > 1")
     p.add_argument("--trace", action="store_true", help="also a Hutchinson trace estimate")
     p.add_argument("--micro-batch", type=int, default=8, help="examples per HVP micro-batch (memory)")
+    p.add_argument("--method", default="lanczos", choices=["lanczos", "power"], help="λ_max solver")
+    p.add_argument("--graph-budget-mib", type=float, default=0.0,
+                   help="MiB of first-order graphs kept between HVPs (0: recompute them, least memory)")
     p.add_argument("--output", help="write the result as JSON")
     p.set_defaults(func=cmd_curvature, dtype="float32")
 

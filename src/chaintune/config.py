@@ -117,6 +117,8 @@ class CurvatureConfig(Strict):
     micro_batch: int = Field(8, ge=1)
     tol: float = Field(1e-3, gt=0)
     max_iter: int = Field(100, ge=1)
+    method: Literal["lanczos", "power"] = "lanczos"  # λ_max solver (Lanczos needs fewer HVPs)
+    graph_budget: float = Field(0, ge=0, description="bytes of first-order graphs kept between HVPs (0: recompute)")
 
     def wants(self, stage_index: int, stage: "Stage") -> bool:
         return ("all" in self.after or ("first" in self.after and stage_index == 1)
