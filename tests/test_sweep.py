@@ -225,8 +225,16 @@ def test_replay_sweep_reaches_summary_and_report(tmp_path, tiny_model_dir, real_
         {"task": "arc_easy", "name": "replay", "replay": {"task": "toxigenqa", "fraction": 0.0}}]}],
         sweep={"product": {"chains.0.stages.2.replay.fraction": [0.0, 0.25, 0.5]}})
     run_inline(cfg)
-    replay = summary_tables(tmp_path / "out")["replay"]
+    tables = summary_tables(tmp_path / "out")
+    replay = tables["replay"]
     assert sorted(replay.fraction) == [0.0, 0.25, 0.5]
+    gains = tables["learning_gain"]  # stage 3 trains arc_easy again: flagged, not part of the precondition
+    assert gains.set_index("stage").retrained.groupby(level=0).all().to_dict() == {1: False, 2: False, 3: True}
+    from chaintune.summary import findings
+
+    lines = findings(tmp_path / "out")["Learning gains"]
+    assert lines[0].endswith(" pp.") and " of 6 (chain, stage) gains" in lines[0]
+    assert "3 (chain, stage) pairs train a task the chain trained before" in lines[-1]
     points = replay_points(*(lambda e: (e.results, e.config))(_load(tmp_path / "out")))
     assert sorted(points.fraction) == [0.0, 0.25, 0.5] and points.chain.str.startswith("r [fraction=").all()
 

@@ -33,14 +33,18 @@ def run_metrics(run_df: pd.DataFrame, predictions: pd.DataFrame, cfg) -> dict[st
     evaluated = set(R.columns)
     out: dict[str, Any] = {"final_stage": K, "learning_gain": [], "forgetting": [], "group_forgetting": [],
                            "biased_forgetting": [], "warnings": []}
+    first_trained = {t: s for s, t in sorted(trained.items(), reverse=True)}
     for s, task in trained.items():
         if task in evaluated:
             gain = M.learning_gain(R, s, task)
+            # a stage that trains a task again (e.g. the replay stage C + f·S after C) starts from a model that
+            # already learned it: its gain is not the "did it learn at all" precondition (its cost is reported)
             out["learning_gain"].append({"stage": s, "task": task, "gain": gain, "before": R.loc[s - 1, task],
-                                         "after": R.loc[s, task]})
+                                         "after": R.loc[s, task], "retrained": s > first_trained[task]})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out["warnings"] += M.learning_gain_warnings(R, {s: t for s, t in trained.items() if t in evaluated})
+        out["warnings"] += M.learning_gain_warnings(
+            R, {s: t for s, t in trained.items() if t in evaluated and s == first_trained[t]})
         for s, task in trained.items():
             if task not in evaluated or s == K:
                 continue
@@ -148,7 +152,10 @@ def summary_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
     tables: dict[str, pd.DataFrame] = {}
     gains = _flat(runs, "learning_gain")
     if not gains.empty:
-        tables["learning_gain"] = _ci(gains, ["chain", "stage", "task"], "gain")
+        table = _ci(gains, ["chain", "stage", "task"], "gain")
+        retrained = (gains.groupby(["chain", "stage", "task"], as_index=False)["retrained"].any()
+                     if "retrained" in gains else table[["chain", "stage", "task"]].assign(retrained=False))
+        tables["learning_gain"] = table.merge(retrained, on=["chain", "stage", "task"])
     forg = _flat(runs, "forgetting")
     if not forg.empty:
         f = _ci(forg, ["chain", "task", "trained_stage", "after_stage"], "F")
@@ -299,12 +306,18 @@ def findings(out_dir: str | Path, tables: dict[str, pd.DataFrame] | None = None)
     out: dict[str, list[str]] = {}
     gains = tables.get("learning_gain")
     if gains is not None and not gains.empty:
+        again = gains[gains.retrained]
+        gains = gains[~gains.retrained]
         bad = gains[~(gains.gain > 0)]
         out["Learning gains"] = [f"{len(gains) - len(bad)} of {len(gains)} (chain, stage) gains on the stage's own "
                                  f"task are positive (mean over seeds); range {gains.gain.min():.2f} to "
                                  f"{gains.gain.max():.2f} pp."]
         out["Learning gains"] += [f"Not positive: {r.chain}, stage {r.stage} ({r.task}): {_ci_text(r._asdict(), 'gain')} "
                                   "pp — forgetting measured after it is not meaningful." for r in bad.itertuples()]
+        if not again.empty:
+            out["Learning gains"].append(
+                f"{len(again)} (chain, stage) pairs train a task the chain trained before (e.g. a replay stage); "
+                f"their gains ({again.gain.min():.2f} to {again.gain.max():.2f} pp) are not a precondition.")
     pairs = [p for p in order_pairs(runs) if {_kind(p[2]), _kind(p[3])} == {"safety", "capability"}]
     if pairs:
         lines, rf_s, rf_c = [], [], []
