@@ -380,3 +380,29 @@ def test_correlation_hand_computed():
     t = (11 / 130 ** 0.5) * 2 ** 0.5 / (1 - 121 / 130) ** 0.5
     assert c.pearson_p == pytest.approx(2 * stats.t.sf(t, 2))
     assert correlation([1, 2], [3, 4]).note.startswith("undefined") and correlation([1, 1, 1], [1, 2, 3]).note
+
+
+def test_curvature_vs_forgetting_uses_next_stage_forgetting_and_counts_shared_first_stages():
+    from scipy import stats
+
+    from chaintune.summary import curvature_vs_forgetting
+
+    def run(chain, seed, task, lam, F, after=2):
+        return {"chain": chain, "seed": seed, "metrics": {
+            "curvature": [{"stage": 1, "lambda_max": lam}],
+            "forgetting": [{"task": task, "trained_stage": 1, "after_stage": after, "F": F, "RF": 2 * F}],
+            "group_forgetting": []}}
+
+    runs = [run("s-a", 0, "s", 10.0, 1.0), run("s-b", 0, "s", 10.0, 3.0),  # one first stage, two second stages
+            run("s-a", 1, "s", 20.0, 4.0), run("c-a", 0, "c", 5.0, 0.5), run("c-a", 1, "c", 7.0, 2.5),
+            run("c-a", 2, "c", 9.0, 1.5), run("replay", 0, "s", 99.0, -50.0, after=3)]  # 3rd stage: left out
+    points, corr = curvature_vs_forgetting(runs)
+    assert len(points) == 6 and 99.0 not in set(points.lambda_max)
+    pooled = corr[(corr.target == "F") & (corr.task == "ALL")].iloc[0]
+    x, y = [10, 10, 20, 5, 7, 9], [1, 3, 4, 0.5, 2.5, 1.5]
+    assert pooled.n == 6 and pooled.first_stages == 5
+    assert pooled.pearson_r == pytest.approx(stats.pearsonr(x, y).statistic)
+    per_task = corr[(corr.target == "F") & (corr.task == "c")].iloc[0]
+    # c: λ = 5, 7, 9 and F = 0.5, 2.5, 1.5 -> deviations (-2, 0, 2), (-1, 1, 0): r = 2 / (sqrt(8) sqrt(2)) = 0.5
+    assert per_task.n == 3 and per_task.pearson_r == pytest.approx(0.5) and per_task.first_stages == 3
+    assert corr[(corr.target == "RF") & (corr.task == "ALL")].iloc[0].pearson_r == pytest.approx(pooled.pearson_r)

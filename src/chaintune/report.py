@@ -516,7 +516,7 @@ def plot_curvature(df: pd.DataFrame, points: pd.DataFrame | None = None) -> Figu
 def _corr_row(corr: pd.DataFrame | None, target: str) -> dict[str, Any]:
     if corr is None or corr.empty:
         return {}
-    sel = corr[(corr["target"] == target) & (corr.get("group", OVERALL) == OVERALL)]
+    sel = corr[(corr["target"] == target) & (corr.get("group", OVERALL) == OVERALL) & (corr.get("task", OVERALL) == OVERALL)]
     return sel.iloc[0].to_dict() if len(sel) else {}
 
 
@@ -963,8 +963,9 @@ def _curvature(b: _Builder, exp: _Experiment, tag: str, prefix: str) -> None:
                  "Curvature after the first stage vs later forgetting of that stage's task, one point per run, with "
                  "the least-squares line over all runs (Pearson r, p in the legend).")
         if corr is not None and not corr.empty:
-            b.table(sec, f"{prefix}curvature_vs_forgetting", corr, "Correlation of λ_max with forgetting over runs "
-                    "(Pearson r, Spearman ρ, R² of the least-squares line, p-values).")
+            b.table(sec, f"{prefix}curvature_vs_forgetting", corr, "Correlation of λ_max with forgetting after the next stage "
+                    "over runs: pooled (task ALL), per first-stage task and per group (Pearson r, Spearman ρ, R² of the "
+                    "least-squares line, p-values; `first_stages`: distinct λ_max measurements behind the row).")
 
 
 def _sweeps(b: _Builder, exps: Sequence[_Experiment]) -> None:
