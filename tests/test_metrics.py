@@ -406,3 +406,22 @@ def test_curvature_vs_forgetting_uses_next_stage_forgetting_and_counts_shared_fi
     # c: λ = 5, 7, 9 and F = 0.5, 2.5, 1.5 -> deviations (-2, 0, 2), (-1, 1, 0): r = 2 / (sqrt(8) sqrt(2)) = 0.5
     assert per_task.n == 3 and per_task.pearson_r == pytest.approx(0.5) and per_task.first_stages == 3
     assert corr[(corr.target == "RF") & (corr.task == "ALL")].iloc[0].pearson_r == pytest.approx(pooled.pearson_r)
+
+
+def test_curvature_vs_forgetting_counts_runs_sharing_both_stages_once():
+    from chaintune.summary import curvature_vs_forgetting
+
+    def run(chain, stages, lam, F, F_g):
+        return {"chain": chain, "seed": 0, "stages": stages, "metrics": {
+            "curvature": [{"stage": 1, "lambda_max": lam}],
+            "forgetting": [{"task": "s", "trained_stage": 1, "after_stage": 2, "F": F, "RF": F}],
+            "group_forgetting": [{"task": "s", "group": "g", "trained_stage": 1, "after_stage": 2, "F_g": F_g}]}}
+
+    # replay-f05 trains the same two stages as s-c, then a third: its stage-2 forgetting is s-c's, one point
+    runs = [run("s-c", ["base", "s1", "c2"], 3.0, 1.0, 2.0), run("replay-f05", ["base", "s1", "c2", "r3"], 3.0, 1.0, 2.0),
+            run("s-d", ["base", "s1", "d2"], 3.0, 4.0, 5.0), run("t-c", ["base", "t1", "c2b"], 6.0, 2.0, 1.0)]
+    points, corr = curvature_vs_forgetting(runs)
+    assert sorted(points.chain) == ["s-c", "s-d", "t-c"]
+    pooled = corr[(corr.target == "F") & (corr.task == "ALL")].iloc[0]
+    assert pooled.n == 3 and pooled.first_stages == 2
+    assert corr[corr.target == "F_g (s)"].iloc[0].n == 3
