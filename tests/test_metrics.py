@@ -417,8 +417,8 @@ def test_curvature_vs_forgetting_counts_runs_sharing_both_stages_once():
             "forgetting": [{"task": "s", "trained_stage": 1, "after_stage": 2, "F": F, "RF": F}],
             "group_forgetting": [{"task": "s", "group": "g", "trained_stage": 1, "after_stage": 2, "F_g": F_g}]}}
 
-    # replay-f05 trains the same two stages as s-c, then a third: its stage-2 forgetting is s-c's, one point
-    runs = [run("s-c", ["base", "s1", "c2"], 3.0, 1.0, 2.0), run("replay-f05", ["base", "s1", "c2", "r3"], 3.0, 1.0, 2.0),
+    # s-c-again trains the same nodes as s-c (one chain listed twice): one point
+    runs = [run("s-c", ["base", "s1", "c2"], 3.0, 1.0, 2.0), run("s-c-again", ["base", "s1", "c2"], 3.0, 1.0, 2.0),
             run("s-d", ["base", "s1", "d2"], 3.0, 4.0, 5.0), run("t-c", ["base", "t1", "c2b"], 6.0, 2.0, 1.0)]
     points, corr = curvature_vs_forgetting(runs)
     assert sorted(points.chain) == ["s-c", "s-d", "t-c"]

@@ -218,22 +218,25 @@ def curvature_vs_forgetting(runs: list[dict[str, Any]]) -> tuple[pd.DataFrame, p
     F_g. Forgetting measured after a later stage (a third, replay stage) is left out: that stage changes it too.
     `first_stages` counts the distinct curvature measurements behind a row: runs that share a trained first stage
     share its λ_max, so they are not independent points (the p-values assume they are). Runs that share the trained
-    stages s and s + 1 (e.g. a replay chain's first two stages and the plain S → C chain) are one point, not
-    several."""
+    nodes up to stage s + 1 (the same chain listed under two names) are one point, not several."""
     points, group_points, seen = [], [], set()
     for r in runs:
         curv = {c["stage"]: c["lambda_max"] for c in r["metrics"].get("curvature", [])}
         nodes = r.get("stages")  # node dirnames, base first; absent in hand-built runs: every run is distinct
+
+        def through(s: int) -> tuple:  # what identifies the model after stage s + 1
+            return tuple(nodes[:s + 2]) if nodes else (r["chain"], r["seed"])
+
         for f in r["metrics"].get("forgetting", []):
             s = f["trained_stage"]
-            ident = (tuple(nodes[:s + 2]) if nodes else (r["chain"], r["seed"]), f["task"])
+            ident = (through(s), f["task"])
             if s in curv and f["after_stage"] == s + 1 and ident not in seen:
                 seen.add(ident)
                 points.append({"chain": r["chain"], "seed": r["seed"], "task": f["task"], "stage": s,
                                "lambda_max": curv[s], "F": f["F"], "RF": f["RF"]})
         for g in r["metrics"].get("group_forgetting", []):
             s = g["trained_stage"]
-            ident = (tuple(nodes[:s + 2]) if nodes else (r["chain"], r["seed"]), g["task"], g["group"])
+            ident = (through(s), g["task"], g["group"])
             if s in curv and g["after_stage"] == s + 1 and g.get("included", True) and ident not in seen:
                 seen.add(ident)
                 group_points.append({"task": g["task"], "group": g["group"], "lambda_max": curv[s], "F_g": g["F_g"]})
