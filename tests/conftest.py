@@ -64,13 +64,10 @@ def mcq_config(tiny_model_dir, mcq_data_dir):
 
 
 def isolate(monkeypatch) -> None:
-    """Task registrations and the sweep worker's loaded model stay inside one test, as in a fresh process."""
-    from chaintune import sweep
-    from chaintune.tasks import base
+    """Each test starts without this process's loaded model (stage._PROCESS), as in a fresh process."""
+    from chaintune import stage
 
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    monkeypatch.setattr(base, "_ALIASES", dict(base._ALIASES))
-    monkeypatch.setattr(sweep, "_WORKER", {})
+    monkeypatch.setattr(stage, "_PROCESS", {})
 
 
 @pytest.fixture
@@ -80,7 +77,7 @@ def isolated(monkeypatch) -> None:
 
 @pytest.fixture
 def mcq_experiment(mcq_config, isolated):
-    """mcq_config, with the task registry and the sweep worker cache isolated for this test."""
+    """mcq_config, with the stage executor's model cache isolated for this test."""
     return mcq_config
 
 

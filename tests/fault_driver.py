@@ -32,12 +32,12 @@ from pathlib import Path
 import peft  # noqa: F401  (imported before forking: children start fast)
 import transformers
 
+import chaintune.engine  # noqa: F401
 import chaintune.executors  # noqa: F401
-import chaintune.sweep  # noqa: F401
 from chaintune.cli import main
 from chaintune.config import read_config
 
-chain, evaluate, io = (import_module(f"chaintune.{m}") for m in ("chain", "evaluate", "io"))  # modules, not functions
+stage, evaluate, io = (import_module(f"chaintune.{m}") for m in ("stage", "evaluate", "io"))  # modules, not functions
 
 transformers.LlamaForCausalLM  # noqa: B018  (loads the modeling code before forking)
 
@@ -54,8 +54,8 @@ def install_kill_point(name: str, nth: int) -> None:
                 before_kill()
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    train_stage = chain.train_stage
-    chain.train_stage = lambda *a, **k: train_stage(*a, on_step=lambda _: reached("train_step"), **k)
+    train_stage = stage.train_stage
+    stage.train_stage = lambda *a, **k: train_stage(*a, on_step=lambda _: reached("train_step"), **k)
     score_packed = evaluate.score_packed
 
     def scored(*args, **kwargs):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,8 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from chaintune.chain import ChainRunner, build_plan
+import chaintune
 from chaintune.config import validate_config
+from chaintune.plan import build_tree
 from chaintune.errors import TrainingError
 
 
@@ -30,7 +32,10 @@ def experiment(tmp_path: Path, model_dir: Path, data_dir: Path, **overrides) -> 
 
 
 def run(cfg: dict) -> pd.DataFrame:
-    return ChainRunner(validate_config(cfg), progress=False, echo=lambda *_: None).run()
+    """The one driver, quiet; a failed job fails the test with its error."""
+    outcome = chaintune.run(cfg, echo=lambda *_: None, progress=False)
+    assert not outcome.failed, outcome.failed
+    return outcome.results
 
 
 def test_results_table_and_run_folder(tmp_path, tiny_model_dir, real_data_dir):
@@ -54,15 +59,16 @@ def test_results_table_and_run_folder(tmp_path, tiny_model_dir, real_data_dir):
 
 
 def test_shared_first_stage_is_trained_once(tmp_path, tiny_model_dir, real_data_dir, monkeypatch):
-    import chaintune.chain as chain_mod
+    import chaintune.stage as stage_mod
 
     calls = []
-    real_train = chain_mod.train_stage
-    monkeypatch.setattr(chain_mod, "train_stage", lambda *a, **k: calls.append(k["desc"]) or real_train(*a, **k))
+    real_train = stage_mod.train_stage
+    monkeypatch.setattr(stage_mod, "train_stage", lambda *a, **k: calls.append(k["desc"]) or real_train(*a, **k))
     cfg = experiment(tmp_path, tiny_model_dir, real_data_dir, chains=[
         {"name": "a", "stages": [{"task": "toxigenqa"}, {"task": "arc_easy"}]},
         {"name": "b", "stages": [{"task": "toxigenqa"}, {"task": "arc_easy", "lr": 5e-4}]}])
-    _, runs, nodes = build_plan(validate_config(cfg))
+    runs, nodes, _ = build_tree(validate_config(cfg))
+    nodes = nodes[1:]  # trained stages, without the base model
     assert len(runs) == 2 and len(nodes) == 3
     results = run(cfg)
     assert len(calls) == 3 and sum(c.startswith("s1-toxigenqa") for c in calls) == 1
@@ -103,8 +109,10 @@ def test_lora_chain_runs_and_checkpoints_adapter(tmp_path, tiny_model_dir, real_
 def test_nan_loss_stops_with_step_and_lr(tmp_path, tiny_model_dir, real_data_dir):
     cfg = experiment(tmp_path, tiny_model_dir, real_data_dir, training={"lr": 1e30, "batch_size": 4,
                                                                       "max_grad_norm": None})
-    with pytest.raises(TrainingError, match=r"at step \d+/\d+ \(lr=1e\+30\)"):
-        run(cfg)
+    outcome = chaintune.run(cfg, echo=lambda *_: None, progress=False)
+    failure = next(f for f in outcome.failed.values() if f["node"].startswith("s1-"))  # stage 2: not run
+    assert failure["error"].startswith(TrainingError.__name__) and re.search(r"at step \d+/\d+ \(lr=1e\+30\)",
+                                                                         failure["error"])
 
 
 def _kill_mid_stage(cmd: list[str], out: Path, timeout: float = 120) -> bool:
@@ -145,7 +153,7 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(tmp_path, tiny_model
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_curvature_after_first_stage_is_stored_and_summarized(tmp_path, tiny_model_dir, real_data_dir, method):
-    from chaintune.summary import summary_tables
+    from chaintune.analysis import summary_tables
 
     cfg = experiment(tmp_path, tiny_model_dir, real_data_dir, seeds=[0, 1, 2],
                      training={"lr": 1e-3, "batch_size": 4, "method": method, "lora": {"r": 2, "alpha": 4}},
@@ -181,13 +189,14 @@ def test_sam_and_l2_prev_train_and_differ_from_adamw(tmp_path, tiny_model_dir, r
 def test_replay_mixture_composition(tmp_path, tiny_model_dir, real_data_dir, fraction, balance):
     from collections import Counter
 
-    from chaintune.chain import stage_examples
+    from chaintune.plan import Settings
+    from chaintune.stage import stage_examples
     from chaintune.tasks import load_splits
 
     cfg = validate_config(experiment(tmp_path, tiny_model_dir, real_data_dir, tasks={"arc_easy": {"train_limit": 200}},
                                      chains=[{"name": "r", "stages": [{"task": "arc_easy", "replay": {
                                          "task": "toxigenqa", "fraction": fraction, "balance": balance}}]}]))
-    mixed = stage_examples(cfg, cfg.chains[0].stages[0], seed=0)
+    mixed = stage_examples(Settings.of(cfg), cfg.chains[0].stages[0], seed=0)
     replayed = [e for e in mixed if e.id.startswith("toxigen")]
     n = len(mixed)
     assert len(replayed) == round(fraction * n) and n - len(replayed) == 200
@@ -196,11 +205,11 @@ def test_replay_mixture_composition(tmp_path, tiny_model_dir, real_data_dir, fra
     if balance == "groups":
         counts = Counter(e.group for e in replayed).values()
         assert max(counts) - min(counts) <= 1
-    assert stage_examples(cfg, cfg.chains[0].stages[0], seed=0) == mixed  # seeded
+    assert stage_examples(Settings.of(cfg), cfg.chains[0].stages[0], seed=0) == mixed  # seeded
 
 
 def test_allocate_by_hand():
-    from chaintune.chain import allocate
+    from chaintune.stage import allocate
 
     assert allocate(10, {"a": 3.0, "b": 1.0, "c": 0.0}) == {"a": 8, "b": 2, "c": 0}  # 7.5, 2.5: tie → a
     assert allocate(10, {"a": 3.0, "b": -2.0}) == {"a": 10, "b": 0}  # negative forgetting = none
@@ -208,22 +217,22 @@ def test_allocate_by_hand():
 
 
 def test_targeted_replay_follows_group_forgetting(tmp_path, tiny_model_dir, real_data_dir):
-    from chaintune.chain import ChainRunner, allocate
-    from chaintune.io import read_json
+    from chaintune.rundir import RunDir
+    from chaintune.stage import allocate, replay_group_forgetting
 
     cfg = validate_config(experiment(tmp_path, tiny_model_dir, real_data_dir, chains=[{"name": "t", "stages": [
         {"task": "toxigenqa"}, {"task": "arc_easy", "lr": 1e-2},
         {"task": "arc_easy", "name": "targeted", "replay": {"task": "toxigenqa", "fraction": 0.5, "balance": "targeted"}}]}]))
-    runner = ChainRunner(cfg, progress=False, echo=lambda *_: None)
-    runner.run()
-    node = runner.nodes[-1]
-    before = read_json(runner.eval_path(runner.nodes[0], "toxigenqa"))["per_group"]
-    after = read_json(runner.eval_path(runner.nodes[1], "toxigenqa"))["per_group"]
+    run(cfg)
+    out, nodes = RunDir(cfg.output_dir), build_tree(cfg)[1][1:]
+    before = out.evaluation(nodes[0].dirname, "toxigenqa").per_group
+    after = out.evaluation(nodes[1].dirname, "toxigenqa").per_group
     forgetting = {g: before[g]["acc"] - after[g]["acc"] for g in before}
-    assert runner.replay_group_forgetting(node) == forgetting
+    assert replay_group_forgetting(out, nodes[-1]) == forgetting
     expected = {g: k for g, k in allocate(16, forgetting).items() if k}  # f = 0.5 of 16 arc examples → 16 replayed
-    assert read_json(runner.node_dir(node) / "node.json")["replayed_per_group"] == dict(sorted(expected.items()))
-    with pytest.raises(Exception, match="no earlier stage trained on it"):
-        bad = validate_config(experiment(tmp_path / "b", tiny_model_dir, real_data_dir, chains=[{"name": "t", "stages": [
-            {"task": "arc_easy", "replay": {"task": "toxigenqa", "fraction": 0.5, "balance": "targeted"}}]}]))
-        ChainRunner(bad, progress=False, echo=lambda *_: None).run()
+    assert out.node(nodes[-1].dirname).replayed_per_group == dict(sorted(expected.items()))
+    bad = experiment(tmp_path / "b", tiny_model_dir, real_data_dir, chains=[{"name": "t", "stages": [
+        {"task": "arc_easy", "replay": {"task": "toxigenqa", "fraction": 0.5, "balance": "targeted"}}]}])
+    outcome = chaintune.run(bad, echo=lambda *_: None, progress=False)
+    (failure,) = outcome.failed.values()
+    assert "no earlier stage trained on it" in failure["error"] and outcome.incomplete_runs == ["t-seed0"]

@@ -113,11 +113,34 @@ def test_curvature_command_power_method_agrees_with_lanczos(capsys, tmp_path, ti
     assert abs(lanczos - power) <= 0.02 * abs(lanczos)
 
 
-def test_compact_shows_mean_std_and_ci():
+def test_terminal_tables_show_mean_std_and_ci():
     import pandas as pd
 
-    from chaintune.cli import compact
+    from chaintune.formatting import display_frame
 
     df = pd.DataFrame({"chain": ["a", "b"], "F": [2.0, 1.0], "F_std": [1.0, float("nan")],
-                       "F_ci_low": [0.0, float("nan")], "F_ci_high": [4.0, float("nan")], "note": ["", ""]})
-    assert compact(df).to_dict("list") == {"chain": ["a", "b"], "F": ["2.00 ± 1.00 [0.00, 4.00]", "1.00"]}
+                       "F_ci_low": [0.0, float("nan")], "F_ci_high": [4.0, float("nan")], "n": [1, None]})
+    shown, numeric = display_frame(df.astype({"n": "Int64"}), std=True)
+    assert shown.to_dict("list") == {"chain": ["a", "b"], "F": ["2.00 ± 1.00 [0.00, 4.00]", "1.00"], "n": ["1", "—"]}
+    assert numeric == ["F", "n"]
+    assert display_frame(df)[0].F.tolist() == ["2.00 [0.00, 4.00]", "1.00"]  # the report's form: no ± sd
+
+
+def test_summarize_and_report_of_user_tasks_in_a_fresh_process(tmp_path, mcq_experiment):
+    """A run on grouped user tasks (custom_tasks) is summarised and reported by new processes, which know the tasks
+    only from the run directory (issue 18: this failed with "unknown task")."""
+    import subprocess
+    import sys
+
+    import chaintune
+
+    out = tmp_path / "out"
+    outcome = chaintune.run(mcq_experiment(out), echo=lambda *_: None, progress=False)
+    assert not outcome.failed and outcome.completed_runs == ["ab-seed0"]
+    script = (f"from chaintune.cli import main; import sys; sys.exit(main(['summarize', {str(out)!r}]) or "
+              f"main(['report', {str(out)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    group_forgetting = (out / "summary" / "group_forgetting.csv").read_text()
+    assert "mcq_a" in group_forgetting and "g0" in group_forgetting and "g1" in group_forgetting
+    assert (out / "report" / "report.html").is_file()

@@ -65,7 +65,7 @@ def test_yaml_errors_are_clear(tmp_path):
 def test_shipped_configs_validate():
     from pathlib import Path
 
-    from chaintune.sweep import load_sweep
+    from chaintune.plan import load_sweep
 
     paths = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert len(paths) >= 6

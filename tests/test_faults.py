@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,12 +17,18 @@ import pandas as pd
 import pytest
 import yaml
 
-from chaintune.chain import ChainRunner
+import chaintune
 from chaintune.cli import main
-from chaintune.config import validate_config
 from chaintune.errors import ChaintuneError, TrainingError
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
+
+
+def quiet(cfg: dict) -> "chaintune.Outcome":
+    """The one driver, quiet; every job must succeed."""
+    outcome = chaintune.run(cfg, echo=lambda *_: None, progress=False)
+    assert not outcome.failed, outcome.failed
+    return outcome
 
 # In order: each child resumes what the previous one left and is killed at the next point (see fault_driver.py).
 NAMED_POINTS = [
@@ -148,28 +155,27 @@ def one_stage_then_reference(tmp_path_factory, mcq_config, module_isolation) -> 
     """A finished run of chain a (stage 1 only), and an uninterrupted run of chains a and ab: made once."""
     root = tmp_path_factory.mktemp("corrupt")
     for name, chains in (("one_stage", TWO_CHAINS[:1]), ("reference", TWO_CHAINS)):
-        cfg = validate_config(mcq_config(root / name, chains=chains))
-        ChainRunner(cfg, progress=False, echo=lambda *_: None).run()
+        quiet(mcq_config(root / name, chains=chains))
     return root / "one_stage", root / "reference"
 
 
 @pytest.mark.parametrize("how", ["truncated", "bit_flip", "config_edited", "deleted"])
 def test_corrupt_checkpoint_is_detected_and_retrained(tmp_path, one_stage_then_reference, mcq_experiment, monkeypatch,
-                                                      how):
+                                                      capsys, how):
     """Chain ab needs stage 1's checkpoint: if it fails its SHA-256, stage 1 is retrained, never loaded."""
-    import chaintune.chain as chain_mod
+    import chaintune.stage as stage_mod
 
     one_stage, reference = one_stage_then_reference
     out = Path(shutil.copytree(one_stage, tmp_path / "out"))
     (checkpoint,) = (out / "stages").glob("s1-*/checkpoint")
     corrupt(checkpoint, how)
     trained = []
-    real_train = chain_mod.train_stage
-    monkeypatch.setattr(chain_mod, "train_stage", lambda *a, **k: trained.append(k["desc"]) or real_train(*a, **k))
-    messages = []
-    ChainRunner(validate_config(mcq_experiment(out, chains=TWO_CHAINS)), progress=False, echo=messages.append).run()
+    real_train = stage_mod.train_stage
+    monkeypatch.setattr(stage_mod, "train_stage", lambda *a, **k: trained.append(k["desc"]) or real_train(*a, **k))
+    capsys.readouterr()
+    quiet(mcq_experiment(out, chains=TWO_CHAINS))
     assert [d.split("-")[0] for d in trained] == ["s1", "s2"]
-    assert any("missing or corrupt: retraining" in m for m in messages)
+    assert "missing or corrupt: retraining" in capsys.readouterr().out  # the stage executor's messages
     pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), pd.read_parquet(reference / "results.parquet"))
 
 
@@ -177,7 +183,7 @@ def test_corrupt_checkpoint_is_detected_and_retrained(tmp_path, one_stage_then_r
 def test_released_checkpoints_never_break_a_run_or_its_rerun(tmp_path, mcq_experiment, monkeypatch, capsys, entry):
     """keep_checkpoints: false, two chains sharing a two-stage prefix: the stages below a LoRA prefix read all its
     adapters, so a checkpoint goes only when every node below it is finished; a rerun trains nothing again."""
-    import chaintune.chain as chain_mod
+    import chaintune.stage as stage_mod
 
     a, b = {"task": "mcq_a"}, {"task": "mcq_b"}
     cfg = mcq_experiment(tmp_path / "out", keep_checkpoints=False, chains=[{"name": "x", "stages": [a, b, a]},
@@ -188,11 +194,11 @@ def test_released_checkpoints_never_break_a_run_or_its_rerun(tmp_path, mcq_exper
         if entry == "cli":
             assert run_cli(capsys, cfg, tmp_path)[0] == 0
         else:
-            ChainRunner(validate_config(cfg), progress=False, echo=lambda *_: None).run()
+            quiet(cfg)
 
     run()
     assert not list((tmp_path / "out" / "stages").glob("*/checkpoint"))
-    monkeypatch.setattr(chain_mod, "train_stage", lambda *a, **k: pytest.fail("a finished stage was retrained"))
+    monkeypatch.setattr(stage_mod, "train_stage", lambda *a, **k: pytest.fail("a finished stage was retrained"))
     run()
 
 
@@ -206,13 +212,14 @@ def run_cli(capsys, cfg: dict, tmp_path: Path) -> tuple[int, str]:
 
 def fail_if_called(monkeypatch) -> None:
     """Loading a model or training is too late for an output-dir error."""
-    import chaintune.chain as chain_mod
+    import chaintune.stage as stage_mod
+    import chaintune.weights as weights_mod
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded or trained before the output dir was checked")
 
-    monkeypatch.setattr(chain_mod, "load_model", forbidden)
-    monkeypatch.setattr(chain_mod, "train_stage", forbidden)
+    monkeypatch.setattr(weights_mod, "load_model", forbidden)
+    monkeypatch.setattr(stage_mod, "train_stage", forbidden)
 
 
 def _raise_for(name: str, err: int, real):
@@ -276,7 +283,7 @@ def test_disk_full_mid_run_is_one_line_and_resumes(tmp_path, mcq_experiment, mon
     assert code == 1 and any("node.json" in e and "No space left on device" in e and "rerun" in e for e in errors)
     monkeypatch.setattr(io.os, "replace", real_replace)
     assert run_cli(capsys, cfg, tmp_path)[0] == 0
-    ChainRunner(validate_config(mcq_experiment(tmp_path / "ref")), progress=False, echo=lambda *_: None).run()
+    quiet(mcq_experiment(tmp_path / "ref"))
     assert_same_results(tmp_path / "out", tmp_path / "ref")
 
 
@@ -293,9 +300,9 @@ def test_infinite_loss_stops_the_stage_with_step_and_lr(tmp_path, mcq_experiment
         return (loss * float("inf") if len(calls) == 3 else loss), n
 
     monkeypatch.setattr(train, "answer_loss_sum", loss_inf_at_step_3)
-    runner = ChainRunner(validate_config(mcq_experiment(tmp_path / "out")), progress=False, echo=lambda *_: None)
-    with pytest.raises(TrainingError, match=r"loss is inf at step 3/8 \(lr=0\.001\)") as info:
-        runner.run()
-    assert isinstance(info.value, ChaintuneError) and "\n" not in str(info.value)
+    outcome = chaintune.run(mcq_experiment(tmp_path / "out"), echo=lambda *_: None, progress=False)
+    error = next(f["error"] for f in outcome.failed.values() if f["node"].startswith("s1-"))
+    assert error.startswith(f"{TrainingError.__name__}: ") and issubclass(TrainingError, ChaintuneError)
+    assert re.search(r"loss is inf at step 3/8 \(lr=0\.001\)", error) and "\n" not in error
     (stage,) = (tmp_path / "out" / "stages").glob("s1-*")
     assert not (stage / "node.json").exists() and not (stage / "checkpoint").exists()

@@ -382,16 +382,25 @@ def test_correlation_hand_computed():
     assert correlation([1, 2], [3, 4]).note.startswith("undefined") and correlation([1, 1, 1], [1, 2, 3]).note
 
 
+def run_data(chain: str, seed: int, stages: list[str], metrics: dict):
+    """A loaded run (analysis.RunData) with hand-written metrics: what the analysis tables read."""
+    from chaintune.analysis import RunData
+    from chaintune.rundir import RunRecord
+
+    record = RunRecord(run_id=f"{chain}-seed{seed}", id="-", chain=chain, base_chain=chain, seed=seed, stages=stages)
+    return RunData(record, pd.DataFrame(), pd.DataFrame(), metrics, [], {})
+
+
 def test_curvature_vs_forgetting_uses_next_stage_forgetting_and_counts_shared_first_stages():
     from scipy import stats
 
-    from chaintune.summary import curvature_vs_forgetting
+    from chaintune.analysis import curvature_vs_forgetting
 
     def run(chain, seed, task, lam, F, after=2):
-        return {"chain": chain, "seed": seed, "metrics": {
+        return run_data(chain, seed, ["base", f"{chain}-{seed}-1", f"{chain}-{seed}-2"], {
             "curvature": [{"stage": 1, "lambda_max": lam}],
             "forgetting": [{"task": task, "trained_stage": 1, "after_stage": after, "F": F, "RF": 2 * F}],
-            "group_forgetting": []}}
+            "group_forgetting": []})
 
     runs = [run("s-a", 0, "s", 10.0, 1.0), run("s-b", 0, "s", 10.0, 3.0),  # one first stage, two second stages
             run("s-a", 1, "s", 20.0, 4.0), run("c-a", 0, "c", 5.0, 0.5), run("c-a", 1, "c", 7.0, 2.5),
@@ -409,13 +418,13 @@ def test_curvature_vs_forgetting_uses_next_stage_forgetting_and_counts_shared_fi
 
 
 def test_curvature_vs_forgetting_counts_runs_sharing_both_stages_once():
-    from chaintune.summary import curvature_vs_forgetting
+    from chaintune.analysis import curvature_vs_forgetting
 
     def run(chain, stages, lam, F, F_g):
-        return {"chain": chain, "seed": 0, "stages": stages, "metrics": {
+        return run_data(chain, 0, stages, {
             "curvature": [{"stage": 1, "lambda_max": lam}],
             "forgetting": [{"task": "s", "trained_stage": 1, "after_stage": 2, "F": F, "RF": F}],
-            "group_forgetting": [{"task": "s", "group": "g", "trained_stage": 1, "after_stage": 2, "F_g": F_g}]}}
+            "group_forgetting": [{"task": "s", "group": "g", "trained_stage": 1, "after_stage": 2, "F_g": F_g}]})
 
     # s-c-again trains the same nodes as s-c (one chain listed twice): one point
     runs = [run("s-c", ["base", "s1", "c2"], 3.0, 1.0, 2.0), run("s-c-again", ["base", "s1", "c2"], 3.0, 1.0, 2.0),

@@ -76,12 +76,19 @@ def fake_results(experiment: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def fake_runs(experiment: dict, results: pd.DataFrame) -> list:
+    """The runs of `fake_results` as analysis sees a folder without stage records (analysis.RunData)."""
+    from chaintune.analysis.records import runs_from_results
+
+    return runs_from_results(results, experiment)
+
+
 def _ci(df: pd.DataFrame, col: str, half: float = 2.0) -> pd.DataFrame:
     return df.assign(**{f"{col}_ci_low": df[col] - half, f"{col}_ci_high": df[col] + half, "seeds": 3})
 
 
 def fake_tables() -> dict[str, pd.DataFrame]:
-    """Summary tables shaped like chaintune.summary.summary_tables's, with plausible values."""
+    """Summary tables shaped like chaintune.analysis.summary_tables's, with plausible values."""
     rng = np.random.default_rng(1)
     forg = pd.DataFrame([{"chain": c, "task": t, "trained_stage": 1, "after_stage": 2, "F": f, "RF": 100 * f / 80}
                          for c, t, f in [("tox_arc", "toxigenqa", 9.0), ("arc_tox", "arc_easy", 3.0),
@@ -149,8 +156,8 @@ def test_every_plot_function_returns_a_paper_sized_figure():
         "curvature": plot_curvature(t["curvature"], t["curvature_points"]),
         "curvature_vs_forgetting": plot_curvature_vs_forgetting(t["curvature_points"], t["curvature_vs_forgetting"]),
         "curvature_vs_forgetting_no_corr": plot_curvature_vs_forgetting(t["curvature_points"]),
-        "lr_forgetting": plot_lr_forgetting(lr_sweep_points(res, exp)),
-        "replay": plot_replay(replay_points(res, exp)),
+        "lr_forgetting": plot_lr_forgetting(lr_sweep_points(fake_runs(exp, res))),
+        "replay": plot_replay(replay_points(fake_runs(exp, res))),
         "training_curves": plot_training_curves(t["training_curves"]),
     }
     for name, fig in figs.items():
@@ -201,7 +208,7 @@ def test_curvature_scatter_legend_has_r_and_p_and_fitted_line():
 def test_lr_sweep_points_use_stage_lr_and_forgetting_of_first_task():
     exp = fake_experiment()
     res = fake_results(exp)
-    pts = lr_sweep_points(res, exp)
+    pts = lr_sweep_points(fake_runs(exp, res))
     assert len(pts) == len(exp["chains"]) * 3
     lrs = pts.groupby("chain").lr.first()
     assert lrs["tox_arc_lr1e-06"] == 1e-6 and lrs["arc_tox"] == 1e-5  # stage key, else training.lr
@@ -219,7 +226,7 @@ def test_lr_sweep_points_use_stage_lr_and_forgetting_of_first_task():
 def test_replay_points_recovery_cost_and_zero_fraction_twin():
     exp = fake_experiment()
     res = fake_results(exp)
-    pts = replay_points(res, exp)
+    pts = replay_points(fake_runs(exp, res))
     assert sorted(pts.fraction.unique()) == [0.0, 0.05, 0.25]  # replay_f0 (no replay key) is the f = 0 twin
     assert set(pts.safety_task) == {"toxigenqa"} and set(pts.capability_task) == {"arc_easy"}
     row = pts[(pts.chain == "replay_f0.25") & (pts.seed == 2)].iloc[0]
@@ -229,7 +236,7 @@ def test_replay_points_recovery_cost_and_zero_fraction_twin():
     assert row.recovery == pytest.approx((S[3] - S[2]) / (S[1] - S[2]))
     assert row.capability_cost == pytest.approx(C[2] - C[3])
     assert row.stage == 3
-    assert replay_points(res, {"chains": exp["chains"][:4]}).empty  # no replay stage → no rows
+    assert replay_points(fake_runs(exp | {"chains": exp["chains"][:4]}, res)).empty  # no replay stage → no rows
 
 
 def test_chain_tasks_and_accuracy_matrices_average_seeds():
@@ -314,8 +321,7 @@ def test_report_errors_are_clear(tmp_path):
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory, tiny_model_dir, real_data_dir) -> Path:
     """Both orders toxigenqa ↔ arc_easy, 2 seeds, curvature after the first stage, BBQ evaluated (tiny model)."""
-    from chaintune.chain import ChainRunner
-    from chaintune.config import validate_config
+    import chaintune
 
     out = tmp_path_factory.mktemp("report-run") / "out"
     cfg = {
@@ -329,7 +335,8 @@ def real_run(tmp_path_factory, tiny_model_dir, real_data_dir) -> Path:
                    {"name": "arc_tox", "stages": [{"task": "arc_easy"}, {"task": "toxigenqa"}]}],
         "curvature": {"after": ["first"], "examples": 8, "max_iter": 10},
     }
-    ChainRunner(validate_config(cfg), progress=False, echo=lambda *_: None).run()
+    outcome = chaintune.run(cfg, echo=lambda *_: None, progress=False)
+    assert not outcome.failed, outcome.failed
     return out
 
 

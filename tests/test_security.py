@@ -13,7 +13,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chaintune.chain import ChainRunner
+import chaintune
 from chaintune.cli import build_parser
 from chaintune.config import ExperimentConfig, validate_config
 from chaintune.errors import ChaintuneError
@@ -53,7 +53,7 @@ def test_custom_model_code_never_runs_without_the_flag(tmp_path, evil_model_dir,
     cfg = mcq_experiment(tmp_path / "out", model=str(model_dir), eval_tasks=["mcq_a"],
                          tasks={"mcq_a": {"train_limit": 4, "eval_limit": 4}, "mcq_b": {"train_limit": 4}},
                          chains=[{"name": "ab", "stages": [{"task": "mcq_a"}, {"task": "mcq_b"}]}])
-    ChainRunner(validate_config(cfg), progress=False, echo=lambda *_: None).run()
+    chaintune.run(cfg, echo=lambda *_: None, progress=False)
     experiment = tmp_path / "out" / "experiment.yaml"  # a run directory from someone else may ask for custom code
     experiment.write_text(experiment.read_text().replace("trust_remote_code: false", "trust_remote_code: true"))
     table, _ = verify_run(tmp_path / "out")
@@ -93,20 +93,18 @@ NAMES = st.text(st.characters(exclude_categories=("Cs",)), max_size=80) | st.fro
 def test_names_cannot_leave_the_output_dir(tmp_path_factory, experiment, chain, stage, task):
     """Every name the config accepts (experiment, chain, stage, user task) makes paths inside output_dir, one
     short visible component each."""
-    from chaintune.tasks import base
+    from chaintune.plan import build_tree
+    from chaintune.rundir import RunDir
 
     out = tmp_path_factory.getbasetemp() / "names-out"
-    registry, aliases = dict(base._REGISTRY), dict(base._ALIASES)
     data = {"name": experiment, "output_dir": str(out), "eval_tasks": [task],
             "custom_tasks": [{"name": task, "path": "unused.jsonl"}],
             "chains": [{"name": chain, "stages": [{"task": task, "name": stage}, {"task": task}]}]}
     try:
-        runner = ChainRunner(validate_config(data), progress=False)
+        runs, nodes, _ = build_tree(validate_config(data))
     except ChaintuneError:
         return
-    finally:
-        base._REGISTRY, base._ALIASES = registry, aliases
-    paths = [out / "runs" / r.run_id for r in runner.runs] + [runner.eval_path(n, task) for n in runner.nodes]
+    paths = [RunDir(out).run_dir(r.run_id) for r in runs] + [RunDir(out).eval_path(n.dirname, task) for n in nodes]
     for path in paths:
         rel = path.resolve().relative_to(out.resolve())  # raises if outside
         assert all(0 < len(p.encode()) <= 255 and not p.startswith(".") for p in rel.parts), rel
@@ -136,7 +134,7 @@ def test_user_data_dir_is_never_written(tmp_path, mcq_experiment, mcq_data_dir):
     cfg = mcq_experiment(tmp_path / "out", data_dir=str(data),
                          custom_tasks=[{"name": t, "path": str(data / f"{t}.jsonl"), "group": "grp"}
                                        for t in ("mcq_a", "mcq_b")])
-    ChainRunner(validate_config(cfg), progress=False, echo=lambda *_: None).run()
+    chaintune.run(cfg, echo=lambda *_: None, progress=False)
     assert tree_state(data) == before
 
 
@@ -150,6 +148,6 @@ def test_builtin_data_dir_is_never_written(tmp_path, tiny_model_dir, real_data_d
     cfg = {"model": str(tiny_model_dir), "data_dir": str(real_data_dir), "output_dir": str(tmp_path / "out"),
            "tasks": {"arc_easy": {"train_limit": 8, "eval_limit": 8}}, "training": {"batch_size": 4},
            "chains": [{"name": "a", "stages": [{"task": "arc_easy"}]}]}
-    ChainRunner(validate_config(cfg), progress=False, echo=lambda *_: None).run()
+    chaintune.run(cfg, echo=lambda *_: None, progress=False)
     assert yaml.safe_load((tmp_path / "out" / "experiment.yaml").read_text())["data_dir"] == str(real_data_dir)
     assert listing() == before

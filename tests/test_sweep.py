@@ -13,12 +13,15 @@ import pandas as pd
 import pytest
 import yaml
 
-import chaintune.chain as chain_mod
+import chaintune
+import chaintune.stage as stage_mod
+from chaintune.analysis import findings, load_runs, summary_tables
 from chaintune.cli import main
 from chaintune.errors import ConfigError
 from chaintune.executors import InlineExecutor, ProcessExecutor
-from chaintune.summary import summary_tables
-from chaintune.sweep import expand_sweep, plan_status, plan_sweep, run_sweep
+from chaintune.plan import build_tree, expand_sweep, make_plan
+from chaintune.rundir import RunDir
+from chaintune.status import plan_status
 
 KEYS = ["run_id", "stage", "eval_task", "group"]
 
@@ -37,8 +40,12 @@ def sweep_config(out: Path, model_dir: Path, data_dir: Path, **overrides) -> dic
     return cfg
 
 
+def quiet(cfg: dict, executor=None) -> chaintune.Outcome:
+    return chaintune.run(cfg, executor, echo=lambda *_: None, progress=False)
+
+
 def run_inline(cfg: dict) -> pd.DataFrame:
-    outcome = run_sweep(expand_sweep(cfg), InlineExecutor(retries=0), echo=lambda *_: None, progress=False)
+    outcome = quiet(cfg, InlineExecutor(retries=0))
     assert not outcome.failed and not outcome.incomplete_runs
     return outcome.results
 
@@ -52,12 +59,12 @@ def reference(tmp_path_factory, tiny_model_dir, real_data_dir):
     """The 12-run sweep, uninterrupted, in this process; and how many stages it trained."""
     out = tmp_path_factory.mktemp("reference") / "out"
     calls = []
-    real = chain_mod.train_stage
-    chain_mod.train_stage = lambda *a, **k: calls.append(k["desc"]) or real(*a, **k)
+    real = stage_mod.train_stage
+    stage_mod.train_stage = lambda *a, **k: calls.append(k["desc"]) or real(*a, **k)
     try:
         results = run_inline(sweep_config(out, tiny_model_dir, real_data_dir))
     finally:
-        chain_mod.train_stage = real
+        stage_mod.train_stage = real
     return out, results, calls
 
 
@@ -94,7 +101,7 @@ def test_bad_sweeps_are_one_line_errors(sweep, message):
 
 def test_prefix_reuse_saves_the_fraction_the_plan_reports(reference, tiny_model_dir, real_data_dir):
     out, results, calls = reference
-    plan = plan_sweep(expand_sweep(sweep_config(out, tiny_model_dir, real_data_dir)))
+    plan = make_plan(expand_sweep(sweep_config(out, tiny_model_dir, real_data_dir)))
     assert len(plan.runs) == 12 and plan.stages_without_reuse == 24 and len(plan.trained_nodes) == 16
     assert len(calls) == 16  # stages actually trained
     done = [p for p in (out / "stages").glob("s*/node.json") if yaml.safe_load(p.read_text())["status"] == "done"]
@@ -112,11 +119,12 @@ def test_paper_grid_plan_counts():
 
 
 def test_two_local_workers_give_the_same_results(reference, tmp_path, tiny_model_dir, real_data_dir):
+    """Accuracies are identical; curvature and losses may differ in the last float bits (1 thread per worker)."""
     _, expected, _ = reference
     cfg = sweep_config(tmp_path / "out", tiny_model_dir, real_data_dir)
     executor = ProcessExecutor(workers=2, retries=0)
     try:
-        outcome = run_sweep(expand_sweep(cfg), executor, echo=lambda *_: None, progress=False)
+        outcome = quiet(cfg, executor)
     finally:
         executor.shutdown()
     assert not outcome.failed and len(outcome.completed_runs) == 12
@@ -132,8 +140,7 @@ def test_ray_executor_runs_the_sweep(reference, tmp_path, tiny_model_dir, real_d
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         executor = RayExecutor(ExecutorConfig(kind="ray", retries=0))
-        outcome = run_sweep(expand_sweep(sweep_config(tmp_path / "out", tiny_model_dir, real_data_dir)), executor,
-                            echo=lambda *_: None, progress=False)
+        outcome = quiet(sweep_config(tmp_path / "out", tiny_model_dir, real_data_dir), executor)
     finally:
         ray.shutdown()
     assert not outcome.failed and len(outcome.completed_runs) == 12
@@ -169,7 +176,7 @@ def test_killed_driver_resumes_only_the_rest(reference, tmp_path, tiny_model_dir
 def test_failed_job_is_retried_recorded_and_shown_by_plan(tmp_path, tiny_model_dir, real_data_dir, monkeypatch, capsys):
     cfg = sweep_config(tmp_path / "out", tiny_model_dir, real_data_dir, seeds=[0], sweep=None,
                        chains=[{"name": "tox_arc", "stages": [{"task": "toxigenqa"}, {"task": "arc_easy"}]}])
-    real = chain_mod.train_stage
+    real = stage_mod.train_stage
     attempts = []
 
     def exploding(*args, **kwargs):
@@ -178,8 +185,8 @@ def test_failed_job_is_retried_recorded_and_shown_by_plan(tmp_path, tiny_model_d
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(chain_mod, "train_stage", exploding)
-    outcome = run_sweep(expand_sweep(cfg), InlineExecutor(retries=2), echo=lambda *_: None, progress=False)
+    monkeypatch.setattr(stage_mod, "train_stage", exploding)
+    outcome = quiet(cfg, InlineExecutor(retries=2))
     assert len(attempts) == 3 and outcome.incomplete_runs == ["tox_arc-seed0"]
     (info,) = outcome.failed.values()
     assert info["attempts"] == 3 and "out of memory" in info["error"]
@@ -188,8 +195,8 @@ def test_failed_job_is_retried_recorded_and_shown_by_plan(tmp_path, tiny_model_d
     assert main(["plan", str(config)]) == 0
     shown = capsys.readouterr().out
     assert "failed" in shown and "out of memory" in shown
-    monkeypatch.setattr(chain_mod, "train_stage", real)  # the fault is gone: a rerun finishes and clears the record
-    outcome = run_sweep(expand_sweep(cfg), InlineExecutor(retries=0), echo=lambda *_: None, progress=False)
+    monkeypatch.setattr(stage_mod, "train_stage", real)  # the fault is gone: a rerun finishes and clears the record
+    outcome = quiet(cfg, InlineExecutor(retries=0))
     assert not outcome.failed and outcome.completed_runs == ["tox_arc-seed0"]
 
 
@@ -203,22 +210,20 @@ def test_changed_eval_limit_is_refused_not_mixed(tmp_path, tiny_model_dir, real_
 
 
 def test_chain_seeds_and_eval_tasks_restrict_runs_and_evaluations(tmp_path):
-    from chaintune.chain import build_plan
-
     cfg = expand_sweep({"output_dir": str(tmp_path), "seeds": [0, 1, 2], "chains": [
         {"name": "a", "eval_tasks": ["toxigenqa", "arc_easy"], "stages": [{"task": "toxigenqa"}, {"task": "arc_easy"}]},
         {"name": "b", "seeds": [0], "eval_tasks": ["toxigenqa"], "stages": [{"task": "toxigenqa", "lr": 1e-4}]}]})[0].cfg
-    base, runs, nodes = build_plan(cfg)
+    runs, nodes, eval_tasks = build_tree(cfg)
     assert [r.run_id for r in runs] == ["a-seed0", "b-seed0", "a-seed1", "a-seed2"]
-    assert base.eval_tasks == ["toxigenqa", "arc_easy"]
-    (b_node,) = [n for n in nodes if n.training.lr == 1e-4]
-    assert b_node.eval_tasks == ["toxigenqa"] and runs[1].eval_tasks == ["toxigenqa"]
+    assert eval_tasks[nodes[0].key] == ["toxigenqa", "arc_easy"]  # the base model
+    (b_node,) = [n for n in nodes if n.training and n.training.lr == 1e-4]
+    assert eval_tasks[b_node.key] == ["toxigenqa"] and runs[1].eval_tasks == ("toxigenqa",)
     with pytest.raises(ConfigError, match="not all in the experiment's seeds"):
         expand_sweep({"seeds": [0], "chains": [{"name": "a", "seeds": [1], "stages": [{"task": "toxigenqa"}]}]})
 
 
 def test_replay_sweep_reaches_summary_and_report(tmp_path, tiny_model_dir, real_data_dir):
-    from chaintune.report import _load, replay_points
+    from chaintune.analysis.tables import replay_points
 
     cfg = sweep_config(tmp_path / "out", tiny_model_dir, real_data_dir, seeds=[0], chains=[{"name": "r", "stages": [
         {"task": "toxigenqa"}, {"task": "arc_easy"},
@@ -230,12 +235,10 @@ def test_replay_sweep_reaches_summary_and_report(tmp_path, tiny_model_dir, real_
     assert sorted(replay.fraction) == [0.0, 0.25, 0.5]
     gains = tables["learning_gain"]  # stage 3 trains arc_easy again: flagged, not part of the precondition
     assert gains.set_index("stage").retrained.groupby(level=0).all().to_dict() == {1: False, 2: False, 3: True}
-    from chaintune.summary import findings
-
-    lines = findings(tmp_path / "out")["Learning gains"]
+    lines = findings(load_runs(RunDir(tmp_path / "out")))["Learning gains"]
     assert lines[0].endswith(" pp.") and " of 6 (chain, stage) gains" in lines[0]
     assert "3 (chain, stage) pairs train a task the chain trained before" in lines[-1]
-    points = replay_points(*(lambda e: (e.results, e.config))(_load(tmp_path / "out")))
+    points = replay_points(load_runs(RunDir(tmp_path / "out")))
     assert sorted(points.fraction) == [0.0, 0.25, 0.5] and points.chain.str.startswith("r [fraction=").all()
 
 
@@ -244,8 +247,6 @@ def test_findings_pool_only_matching_reverse_chains(reference):
 
     from scipy import stats
 
-    from chaintune.summary import findings
-
     out, _, _ = reference
     rf = {}
     for path in (out / "runs").glob("*/metrics.json"):
@@ -253,7 +254,7 @@ def test_findings_pool_only_matching_reverse_chains(reference):
         (first,) = [f for f in json.loads(path.read_text())["forgetting"] if f["trained_stage"] == 1]
         rf.setdefault(run["chain"], []).append(first["RF"])
     s_first, c_first = rf["tox_arc [lr=0.001]"], rf["arc_tox [lr=0.001]"]  # the only pair with equal settings
-    answer = findings(out)["Order: is safety forgotten more when it comes first?"]
+    answer = findings(load_runs(RunDir(out)))["Order: is safety forgotten more when it comes first?"]
     diff = sum(s_first) / 2 - sum(c_first) / 2
     p = stats.ttest_ind(s_first, c_first, equal_var=False).pvalue
     assert answer[0].startswith("Pooled over 1 task pairs") and f"difference {diff:.2f}" in answer[0]
@@ -261,17 +262,17 @@ def test_findings_pool_only_matching_reverse_chains(reference):
 
 
 def test_long_sweep_labels_and_custom_task_paths(tmp_path):
-    from chaintune.chain import Run, build_plan
+    from chaintune.plan import Run
 
-    long = Run("c", 0, [], variant=",".join(f"key{i}=value{i}" for i in range(40)))
-    assert len(long.run_id) < 120 and long.run_id != Run("c", 0, [], variant=long.variant + "x").run_id
+    long = Run("c", 0, (), variant=",".join(f"key{i}=value{i}" for i in range(40)))
+    assert len(long.run_id) < 120 and long.run_id != Run("c", 0, (), variant=long.variant + "x").run_id
     for name in ("a", "b"):
         (tmp_path / f"{name}.jsonl").write_text('{"question": "q", "choices": ["x", "y"], "answer": 0}\n')
     keys = []
     for name in ("a", "b"):  # the same task name over two different files: different stages
         cfg = expand_sweep({"custom_tasks": [{"name": "mine", "path": str(tmp_path / f"{name}.jsonl")}],
                             "chains": [{"name": "c", "stages": [{"task": "mine"}]}]})[0].cfg
-        keys.append(build_plan(cfg)[2][0].key)
+        keys.append(build_tree(cfg)[1][1].key)  # the trained stage (index 0 is the base model)
     assert keys[0] != keys[1]
 
 

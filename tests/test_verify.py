@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chaintune.chain import ChainRunner
+import chaintune
 from chaintune.cli import main
 from chaintune.config import validate_config
 from chaintune.errors import ChaintuneError
-from chaintune.provenance import PACKAGES, data_file_hashes, file_sha256
+from chaintune.io import file_sha256
+from chaintune.provenance import PACKAGES, data_file_hashes
 from chaintune.tasks import get_task, task_names
 from chaintune.verify import EXIT_MISMATCH, EXIT_OK, EXIT_UNVERIFIABLE, verdict, verify_run
 
@@ -27,7 +28,7 @@ def finished(tmp_path_factory, mcq_config, module_isolation) -> dict[str, Path]:
     """Finished two-stage runs, made once per module: full fine-tuning, LoRA, and checkpoints not kept."""
     root = tmp_path_factory.mktemp("verify")
     for name, overrides in VARIANTS.items():
-        ChainRunner(validate_config(mcq_config(root / name, **overrides)), progress=False, echo=lambda *_: None).run()
+        chaintune.run(mcq_config(root / name, **overrides), echo=lambda *_: None, progress=False)
     return {name: root / name for name in VARIANTS}
 
 
@@ -142,16 +143,16 @@ def test_builtin_tasks_declare_the_files_they_read(real_data_dir):
 
 
 def test_resuming_after_a_data_file_changed_is_refused(tmp_path, mcq_experiment, mcq_data_dir, monkeypatch):
-    import chaintune.chain as chain_mod
+    import chaintune.stage as stage_mod
 
     data = tmp_path / "data"
     shutil.copytree(mcq_data_dir, data)
     cfg = mcq_experiment(tmp_path / "out", chains=[{"name": "a", "stages": [{"task": "mcq_a"}]}],
                          custom_tasks=[{"name": t, "path": str(data / f"{t}.jsonl"), "group": "grp"}
                                        for t in ("mcq_a", "mcq_b")])
-    ChainRunner(validate_config(cfg), progress=False, echo=lambda *_: None).run()
+    chaintune.run(cfg, echo=lambda *_: None, progress=False)
     with open(data / "mcq_a.jsonl", "a") as fh:
         fh.write(json.dumps({"question": "one more?", "choices": ["yes", "no"], "answer": 0, "grp": "g0"}) + "\n")
-    monkeypatch.setattr(chain_mod, "train_stage", lambda *a, **k: pytest.fail("trained on changed data"))
+    monkeypatch.setattr(stage_mod, "train_stage", lambda *a, **k: pytest.fail("trained on changed data"))
     with pytest.raises(ChaintuneError, match=r"data file\(s\) .*mcq_a\.jsonl changed since .* was started"):
-        ChainRunner(validate_config(cfg), progress=False, echo=lambda *_: None).run()
+        chaintune.run(cfg, echo=lambda *_: None, progress=False)

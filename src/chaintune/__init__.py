@@ -1,6 +1,7 @@
 """chaintune: chained fine-tuning of causal LMs and measurement of what each stage makes the model forget."""
 from __future__ import annotations
 
+from chaintune.engine import Outcome, run
 from chaintune.errors import ChaintuneError, ConfigError, DataError, TrainingError
 from chaintune.evaluate import EvalResult, evaluate, score_examples
 from chaintune.models import default_model_dir, load_model, tiny_llama
@@ -8,6 +9,6 @@ from chaintune.tasks import Example, load_splits, load_task, register_task, regi
 
 __version__ = "0.1.0"
 
-__all__ = ["ChaintuneError", "ConfigError", "DataError", "EvalResult", "Example", "TrainingError", "default_model_dir",
+__all__ = ["run", "Outcome", "ChaintuneError", "ConfigError", "DataError", "EvalResult", "Example", "TrainingError", "default_model_dir",
            "evaluate", "load_model", "load_splits", "load_task", "register_task", "register_user_task",
            "score_examples", "task_names", "tiny_llama", "__version__"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -20,40 +19,20 @@ def _console():
     return console if console.is_terminal else Console(width=160)
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "—" if math.isnan(value) else f"{value:.2f}"
-    return "—" if value is None else str(value)
-
-
-def print_frame(df, title: str) -> None:
+def print_frame(df, title: str, std: bool = False) -> None:
+    """A table on the terminal, formatted like the report's (chaintune.formatting.display_frame)."""
     from rich.markup import escape
     from rich.table import Table
 
+    from chaintune.formatting import display_frame
+
+    shown, numeric = display_frame(df, std=std)
     table = Table(title=title, title_justify="left", header_style="bold")
-    for col in df.columns:
-        table.add_column(str(col), justify="right" if df[col].dtype.kind in "fi" else "left")
-    for row in df.itertuples(index=False):
-        table.add_row(*[escape(_fmt(v)) for v in row])  # "[lr=1e-05]" is data, not rich markup
+    for col in shown.columns:
+        table.add_column(str(col), justify="right" if col in numeric else "left")
+    for row in shown.itertuples(index=False):
+        table.add_row(*[escape(v) for v in row])  # "[lr=1e-05]" is data, not rich markup
     _console().print(table)
-
-
-def compact(df):
-    """For display: `X` with `X_std`, `X_ci_low`, `X_ci_high` becomes one column 'X ± std [low, high]'; notes dropped."""
-    out = df.copy()
-    for col in df.columns:
-        if f"{col}_ci_low" in df.columns and f"{col}_ci_high" in df.columns:
-            stds = df[f"{col}_std"] if f"{col}_std" in df.columns else [math.nan] * len(df)
-            out[col] = [_fmt(v) + (f" ± {_fmt(sd)}" if isinstance(sd, float) and not math.isnan(sd) else "")
-                        + (f" [{_fmt(lo)}, {_fmt(hi)}]" if not (isinstance(lo, float) and math.isnan(lo)) else "")
-                        for v, sd, lo, hi in zip(df[col], stds, df[f"{col}_ci_low"], df[f"{col}_ci_high"])]
-            out = out.drop(columns=[f"{col}_ci_low", f"{col}_ci_high"])
-        if col == "ci_low" and "difference" in df.columns:
-            out["difference"] = [f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]" for v, lo, hi in
-                                 zip(df["difference"], df["ci_low"], df["ci_high"])]
-            out = out.drop(columns=["ci_low", "ci_high"])
-    hidden = {c for c in out.columns if c.endswith("_std") and c[: -len("_std")] in out.columns} | {"note"}
-    return out[[c for c in out.columns if c not in hidden]]
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -76,7 +55,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         rows.append({"task": name, "kind": spec.kind,
                      **{s: len(splits[s]) if s in splits else None for s in ("train", "validation", "test")},
                      "groups": f"{len(groups)}: {', '.join(groups)}" if groups else "—"})
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows).astype({s: "Int64" for s in ("train", "validation", "test")})  # counts, not floats
     print_frame(df, f"chaintune tasks (data dir: {data_dir or 'none — Hugging Face hub when online'})")
     return 0
 
@@ -84,7 +63,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from chaintune.chain import predictions_frame
+    from chaintune.stage import predictions_frame
     from chaintune.evaluate import evaluate
     from chaintune.io import write_json, write_table
     from chaintune.tasks import canonical_task_name, load_task, resolve_data_dir
@@ -112,19 +91,15 @@ def _executor_overrides(args: argparse.Namespace) -> list[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from chaintune.executors import make_executor
-    from chaintune.sweep import load_sweep, plan_sweep, run_sweep
+    from chaintune.engine import run
+    from chaintune.plan import load_sweep, make_plan
 
     points = load_sweep(args.config, args.set + _executor_overrides(args))
-    cfg, plan = points[0].cfg, plan_sweep(points)
+    cfg, plan = points[0].cfg, make_plan(points)
     trained = len(plan.trained_nodes)
     _console().print(f"[bold]{cfg.name}[/]: {len(points)} sweep point(s), {len(plan.runs)} runs, {trained} stages to "
                      f"train ({plan.stages_without_reuse - trained} saved by prefix reuse) → {cfg.output_dir}")
-    executor = make_executor(cfg.executor)
-    try:
-        outcome = run_sweep(points, executor, echo=_console().print, progress=not args.no_progress)
-    finally:
-        executor.shutdown()
+    outcome = run(points, echo=_console().print, progress=not args.no_progress)
     if outcome.completed_runs:
         summarize(Path(cfg.output_dir))
     if outcome.failed or outcome.incomplete_runs:
@@ -139,7 +114,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from chaintune.sweep import load_sweep, plan_status
+    from chaintune.plan import load_sweep
+    from chaintune.status import plan_status
 
     points = load_sweep(args.config, args.set)
     status = plan_status(points, args.tokens_per_second)
@@ -215,11 +191,14 @@ def cmd_curvature(args: argparse.Namespace) -> int:
 def summarize(out_dir: Path) -> int:
     from rich.markup import escape
 
-    from chaintune.summary import findings, summary_tables, write_summary
+    from chaintune.analysis import findings, load_runs, summary_tables, write_summary
+    from chaintune.rundir import RunDir
 
     if not out_dir.is_dir():
         raise ChaintuneError(f"run directory '{out_dir}' does not exist", "pass the output_dir of a `chaintune run`")
-    tables = summary_tables(out_dir)
+    out = RunDir(out_dir)
+    runs = load_runs(out)
+    tables = summary_tables(runs)
     titles = {"learning_gain": "Learning gain of each stage on its own task (pp; must be > 0)",
               "forgetting": "Forgetting F and relative forgetting RF (%) of earlier stages' tasks after the last stage",
               "order_asymmetry": "Order asymmetry: RF(A→B) vs RF(B→A), Welch test over seeds",
@@ -235,10 +214,10 @@ def summarize(out_dir: Path) -> int:
             continue
         if name == "bbq_bias":
             df = df[df.category == "overall"]
-        print_frame(compact(df), titles.get(name, name))
-    for question, lines in findings(out_dir, tables).items():
+        print_frame(df.drop(columns=["note"], errors="ignore"), titles.get(name, name), std=True)
+    for question, lines in findings(runs, tables).items():
         _console().print(f"[bold]{question}[/]\n" + "\n".join(f"  • {escape(line)}" for line in lines), highlight=False)
-    folder = write_summary(out_dir, tables)
+    folder = write_summary(out, runs, tables)
     _console().print(f"tables written to {folder}/ (CSV + summary.md)")
     return 0
 

@@ -11,8 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from chaintune.errors import ConfigError
-
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # safe as a directory name (at most 64 characters)
+from chaintune.names import NAME_PATTERN
 
 
 def _accepts_bool(annotation: Any) -> bool:
@@ -204,16 +203,21 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _check_names(self) -> "ExperimentConfig":
-        from chaintune.tasks import get_task, register_user_task
+        from chaintune.tasks import builtin_task_names, get_task, parse_user_task
 
-        for spec in self.custom_tasks:
-            register_user_task(spec)
+        custom = [parse_user_task(spec).name for spec in self.custom_tasks]
+        taken = sorted(set(custom) & builtin_task_names())
+        if taken:
+            raise ValueError(f"user task name '{taken[0]}' is taken by a built-in task; choose another name")
+        if len(set(custom)) != len(custom):
+            raise ValueError(f"custom_tasks name a task twice ({sorted({c for c in custom if custom.count(c) > 1})})")
         names = [c.name for c in self.chains]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"duplicate chain name(s) {sorted(dupes)}")
         for task in self.all_tasks():
-            get_task(task)  # raises a ChaintuneError naming the known tasks
+            if task not in custom:
+                get_task(task)  # raises a ChaintuneError naming the known tasks
         for chain in self.chains:
             if chain.seeds is not None and not set(chain.seeds) <= set(self.seeds):
                 raise ValueError(f"chain '{chain.name}': seeds {chain.seeds} are not all in the experiment's seeds "

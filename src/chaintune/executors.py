@@ -1,6 +1,7 @@
-"""Where a sweep's stage jobs run. Every executor has the same small interface, used by chaintune.sweep.run_sweep:
+"""Where stage jobs run. Every executor has the same small interface, used by the scheduler (`chaintune.engine.run`):
 
-    submit(cfg_data, label, node_key, progress) -> concurrent.futures.Future   (runs chaintune.sweep.execute_job)
+    submit(fn, job) -> concurrent.futures.Future   (runs fn(job) somewhere; the engine passes
+                                                   chaintune.stage.execute)
     has_capacity(n_running) -> bool     recover()     shutdown()     describe() -> str
     retries: int (re-runs of a failed job)          inline: bool (jobs run in this process)
 
@@ -15,10 +16,16 @@ from __future__ import annotations
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, Callable
 
 from chaintune.config import ExecutorConfig
 from chaintune.errors import ChaintuneError
+from chaintune.plan import Job
+
+
+def _call(fn: Callable[[Job], Any], job: Job) -> Any:
+    """What a Ray task runs (one remote function for any job function)."""
+    return fn(job)
 
 
 class InlineExecutor:
@@ -27,12 +34,10 @@ class InlineExecutor:
     def __init__(self, retries: int):
         self.retries = retries
 
-    def submit(self, *args: Any) -> Future:
-        from chaintune.sweep import execute_job
-
+    def submit(self, fn: Callable[[Job], Any], job: Job) -> Future:
         future: Future = Future()
         try:
-            future.set_result(execute_job(*args))
+            future.set_result(fn(job))
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001 — delivered to the scheduler like a worker's failure
@@ -85,10 +90,8 @@ class ProcessExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
                                    initargs=(devices, self.threads))
 
-    def submit(self, *args: Any) -> Future:
-        from chaintune.sweep import execute_job
-
-        return self.pool.submit(execute_job, *args)
+    def submit(self, fn: Callable[[Job], Any], job: Job) -> Future:
+        return self.pool.submit(fn, job)  # fn and job are pickled to the spawned worker
 
     def has_capacity(self, n_running: int) -> bool:
         return n_running < self.workers
@@ -117,8 +120,6 @@ class RayExecutor:
             import ray
         except ImportError:
             raise ChaintuneError("the ray executor needs Ray", "pip install 'chaintune[ray]' (ray>=2.9)") from None
-        from chaintune.sweep import execute_job
-
         self.ray, self.retries = ray, cfg.retries
         self.started = not ray.is_initialized()
         if self.started:
@@ -126,11 +127,11 @@ class RayExecutor:
         resources = ray.cluster_resources()
         gpus = cfg.gpus_per_job if cfg.gpus_per_job is not None else (1.0 if resources.get("GPU", 0) else 0.0)
         self.slots = max(1, int(resources.get("GPU", 0) // gpus) if gpus else int(resources.get("CPU", 1) // cfg.cpus_per_job))
-        self.remote = ray.remote(num_cpus=cfg.cpus_per_job, num_gpus=gpus, max_retries=0)(execute_job)
+        self.remote = ray.remote(num_cpus=cfg.cpus_per_job, num_gpus=gpus, max_retries=0)(_call)
         self.where = f"Ray ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; {gpus:g} GPU per job)"
 
-    def submit(self, *args: Any) -> Future:
-        return self.remote.remote(*args).future()
+    def submit(self, fn: Callable[[Job], Any], job: Job) -> Future:
+        return self.remote.remote(fn, job).future()
 
     def has_capacity(self, n_running: int) -> bool:
         return n_running < self.slots

@@ -1,7 +1,6 @@
 """What produced a result: package versions, device, git sha, data file hashes."""
 from __future__ import annotations
 
-import hashlib
 import platform
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from chaintune.io import file_sha256
 
 PACKAGES = ("chaintune", "torch", "transformers", "peft", "tokenizers", "safetensors", "numpy", "pandas", "datasets")
 
@@ -61,14 +62,6 @@ def eval_environment(model) -> dict[str, str]:
     param = next(model.parameters())
     return {"device": param.device.type, "device_name": device_name(param.device),
             "dtype": str(param.dtype).removeprefix("torch."), "torch": torch.__version__}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def data_file_hashes(data_dir: Path | None, tasks: list[str]) -> dict[str, str]:

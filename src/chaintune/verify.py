@@ -13,70 +13,45 @@ from typing import Any
 
 import pandas as pd
 
-from chaintune.chain import ChainRunner, Node, eval_spec
-from chaintune.config import ExperimentConfig, read_config, validate_config
+from chaintune.config import ExperimentConfig, validate_config
 from chaintune.errors import ChaintuneError
 from chaintune.evaluate import evaluate
-from chaintune.io import read_json
+from chaintune.plan import Node, build_tree, eval_spec
 from chaintune.provenance import data_file_hashes, eval_environment
-from chaintune.tasks import canonical_task_name, load_task, resolve_data_dir
+from chaintune.rundir import EvalRecord, RunDir
+from chaintune.tasks import canonical_task_name, load_task, register_user_tasks, resolve_data_dir
+from chaintune.weights import WeightCache, checkpoint_problem
 
 EXIT_OK, EXIT_MISMATCH, EXIT_UNVERIFIABLE = 0, 1, 3
 DEFAULT_TOLERANCE = 1.0  # pp, when the evaluation environment differs from the recorded one
 
 
-def run_configs(run_dir: Path, overrides: dict[str, Any]) -> list[tuple[str, ExperimentConfig]]:
-    """(sweep point label, config) of every point stored in `run_dir`, pointed at `run_dir`."""
-    points = run_dir / "sweep" / "points.json"
-    if points.is_file():
-        entries = [(p["label"], p["config"]) for p in read_json(points)]
-    elif (run_dir / "experiment.yaml").is_file():
-        entries = [("", read_config(run_dir / "experiment.yaml"))]
-    else:
-        raise ChaintuneError(f"'{run_dir}' is not a chaintune run directory (no experiment.yaml)",
-                             "pass the output_dir of a `chaintune run`")
-    return [(label, validate_config(data | {"output_dir": str(run_dir)} | overrides, str(run_dir)))
-            for label, data in entries]
+def run_configs(out: RunDir, overrides: dict[str, Any]) -> list[tuple[str, ExperimentConfig]]:
+    """(sweep point label, config) of every point stored in the run directory, pointed at it."""
+    return [(label, validate_config(data | {"output_dir": str(out.root)} | overrides, str(out.root)))
+            for label, data in out.point_configs()]
 
 
-def checkpoint_problem(runner: ChainRunner, node: Node) -> str | None:
-    """Why `node`'s weights cannot be rebuilt ('released', 'missing' or 'corrupt' checkpoint), or None.
-
-    The checkpoints read are those ChainRunner._materialize loads: the latest full fine-tune of the lineage, then
-    every LoRA adapter after it."""
-    lineage = node.lineage()[1:]
-    start = max((i for i, n in enumerate(lineage) if n.training and n.training.method == "full"), default=-1)
-    for source in lineage[max(start, 0):]:
-        which = "" if source is node else f" of {source.dirname}"
-        if not (runner.node_dir(source) / "checkpoint").is_dir():
-            return ("released" if not runner.cfg.keep_checkpoints else "missing") + f" checkpoint{which}"
-        if not runner.checkpoint_ok(source):
-            return f"corrupt checkpoint{which}"
-    return None
-
-
-def _recorded_environment(summary: dict[str, Any], run_env: dict[str, Any]) -> dict[str, str]:
+def _recorded_environment(stored: EvalRecord, run_env: dict[str, Any]) -> dict[str, str]:
     """The evaluation's recorded environment; runs older than the per-evaluation record fall back to
     environment.json (chaintune evaluated in float32)."""
-    if "env" in summary:
-        return summary["env"]
+    if stored.env is not None:
+        return stored.env
     return {"device": str(run_env.get("device", "")).split(":")[0], "device_name": run_env.get("device_name"),
             "dtype": "float32", "torch": run_env.get("packages", {}).get("torch")}
 
 
-def verify_evaluation(runner: ChainRunner, node: Node, path: Path, run_env: dict[str, Any], tolerance: float,
-                      progress: bool) -> dict[str, Any]:
+def verify_evaluation(cache: WeightCache, cfg: ExperimentConfig, node: Node, stored: EvalRecord,
+                      run_env: dict[str, Any], tolerance: float, progress: bool) -> dict[str, Any]:
     """Re-evaluate one stored evaluation of `node` (its weights must be loadable); one row of the verify table."""
-    stored = read_json(path)
-    task = stored["task"]
-    spec = stored.get("spec") or eval_spec(runner.cfg, task)
-    examples = load_task(task, "test", resolve_data_dir(runner.cfg.data_dir), limit=spec["eval_limit"],
+    task = stored.task
+    spec = stored.spec or eval_spec(cfg, task)
+    examples = load_task(task, "test", resolve_data_dir(cfg.data_dir), limit=spec["eval_limit"],
                          seed=spec["data_seed"], split_seed=spec["split_seed"])
-    runner._materialize(node)
-    result = evaluate(runner.model, runner.tokenizer, examples, task, progress=progress,
-                      max_tokens=runner.cfg.eval_max_tokens)
-    exact = _recorded_environment(stored, run_env) == eval_environment(runner.model)
-    old = pd.read_parquet(path.with_suffix(".predictions.parquet")).set_index("id")
+    model = cache.materialize(node)
+    result = evaluate(model, cache.tokenizer, examples, task, progress=progress, max_tokens=cfg.eval_max_tokens)
+    exact = _recorded_environment(stored, run_env) == eval_environment(model)
+    old = cache.out.predictions(node.dirname, task).set_index("id")
     new = pd.DataFrame(result.predictions).set_index("id")
     same_questions = len(old) == len(new) and old.index.sort_values().equals(new.index.sort_values())
     changed = int((old.loc[new.index, ["pred", "pred_norm"]] != new[["pred", "pred_norm"]]).any(axis=1).sum()
@@ -85,11 +60,11 @@ def verify_evaluation(runner: ChainRunner, node: Node, path: Path, run_env: dict
         ok = False
     elif exact:
         ok = changed == 0 and (result.acc, result.acc_norm, result.per_group) == (
-            stored["acc"], stored["acc_norm"], stored["per_group"])
+            stored.acc, stored.acc_norm, stored.per_group)
     else:
-        ok = abs(result.acc - stored["acc"]) <= tolerance and abs(result.acc_norm - stored["acc_norm"]) <= tolerance
-    return {"stage": node.dirname, "task": task, "n": stored["n"], "stored_acc": stored["acc"], "acc": result.acc,
-            "stored_acc_norm": stored["acc_norm"], "acc_norm": result.acc_norm,
+        ok = abs(result.acc - stored.acc) <= tolerance and abs(result.acc_norm - stored.acc_norm) <= tolerance
+    return {"stage": node.dirname, "task": task, "n": stored.n, "stored_acc": stored.acc, "acc": result.acc,
+            "stored_acc_norm": stored.acc_norm, "acc_norm": result.acc_norm,
             "changed": changed if same_questions else "other questions",
             "check": "exact" if exact else f"±{tolerance:g} pp", "status": "ok" if ok else "MISMATCH"}
 
@@ -101,35 +76,36 @@ def verify_run(run_dir: str | Path, *, device: str | None = None, data_dir: str 
 
     A run directory may come from someone else: its config's trust_remote_code is ignored, only the argument counts.
     """
-    run_dir = Path(run_dir)
+    out = RunDir(run_dir)
     overrides = {k: v for k, v in {"device": device, "data_dir": data_dir}.items() if v is not None}
     overrides["trust_remote_code"] = trust_remote_code
-    env_path = run_dir / "environment.json"
-    run_env = read_json(env_path) if env_path.is_file() else {}
+    register_user_tasks(out.custom_tasks())
+    run_env = out.environment()
     rows: list[dict[str, Any]] = []
     changed_files: set[str] = set()
     seen: set[str] = set()
-    for label, cfg in run_configs(run_dir, overrides):
-        runner = ChainRunner(cfg, progress=False, echo=lambda *_: None, variant=label)
+    cache: WeightCache | None = None
+    for label, cfg in run_configs(out, overrides):
+        if cache is None or cache.identity() != (str(out.root), cfg.model, cfg.device, cfg.trust_remote_code):
+            cache = WeightCache(out, cfg.model, cfg.device, cfg.trust_remote_code)
         now = data_file_hashes(resolve_data_dir(cfg.data_dir), [canonical_task_name(t) for t in cfg.all_tasks()])
         stored = run_env.get("data_files", {})
         changed_files |= {f for f in stored.keys() & now.keys() if stored[f] != now[f]}
-        for node in [runner.base, *runner.nodes]:
+        for node in build_tree(cfg, label)[1]:
             if node.key in seen:
                 continue
             seen.add(node.key)
-            problem = checkpoint_problem(runner, node) if node.stage is not None else None
-            for path in sorted((runner.node_dir(node) / "eval").glob("*.json")):
+            problem = checkpoint_problem(out, node, cfg.keep_checkpoints)
+            for path in out.evaluations(node.dirname):
+                record = out.evaluation(node.dirname, path.name.removesuffix(".json"))
                 if problem is None:
-                    rows.append(verify_evaluation(runner, node, path, run_env, tolerance, progress))
+                    rows.append(verify_evaluation(cache, cfg, node, record, run_env, tolerance, progress))
                     continue
-                stored_eval = read_json(path)
-                rows.append({"stage": node.dirname, "task": stored_eval["task"], "n": stored_eval["n"],
-                             "stored_acc": stored_eval["acc"], "acc": math.nan, "stored_acc_norm":
-                             stored_eval["acc_norm"], "acc_norm": math.nan, "changed": "—", "check": "",
-                             "status": problem})
+                rows.append({"stage": node.dirname, "task": record.task, "n": record.n, "stored_acc": record.acc,
+                             "acc": math.nan, "stored_acc_norm": record.acc_norm, "acc_norm": math.nan,
+                             "changed": "—", "check": "", "status": problem})
     if not rows:
-        raise ChaintuneError(f"'{run_dir}' holds no stored evaluations", "run the experiment first")
+        raise ChaintuneError(f"'{out.root}' holds no stored evaluations", "run the experiment first")
     return pd.DataFrame(rows), [f"data file {f} changed since the run (SHA-256 differs)" for f in sorted(changed_files)]
 
 

@@ -1,7 +1,8 @@
 """The golden sweep of the one-engine redesign (issue 18): both orders × 2 seeds × a replay stage × 2 second-stage
 learning rates × curvature after stage 1, on the tiny random Llama and the real BBQ / ARC-Easy data.
 
-`python tests/golden/sweep.py make` ran this sweep with the code of a04ca30 (before the redesign) and wrote
+`python tests/golden/sweep.py make` ran this sweep with the code of a04ca30 (before the redesign; it then called
+that release's `run_sweep`, today it calls `chaintune.run`) and wrote
 tests/golden/expected/ (results table, summary tables, findings) and tests/fixtures/rundir_v1/ (the whole output
 directory without checkpoints: the on-disk format of that release). tests/test_golden.py reruns the same sweep with
 today's code and compares.
@@ -42,7 +43,7 @@ def golden_config(out: Path, model_dir: Path, data_dir: Path) -> dict:
 
 def tables_of(out: Path) -> dict[str, pd.DataFrame]:
     """What is compared: the results table (sorted, volatile columns dropped) and every summary table."""
-    from chaintune.summary import summary_tables
+    from chaintune.analysis import summary_tables
 
     results = pd.read_parquet(out / "results.parquet").drop(columns=VOLATILE)
     keys = ["run_id", "stage", "eval_task", "group"]
@@ -53,10 +54,10 @@ def tables_of(out: Path) -> dict[str, pd.DataFrame]:
 
 def make(work: Path) -> None:
     sys.path.insert(0, str(HERE.parent.parent / "src"))
-    from chaintune.executors import InlineExecutor
+    import chaintune
+    from chaintune.analysis import findings, load_runs
     from chaintune.models import tiny_llama
-    from chaintune.summary import findings
-    from chaintune.sweep import expand_sweep, run_sweep
+    from chaintune.rundir import RunDir
 
     model_dir = work / "tiny"
     model, tokenizer = tiny_llama(seed=0)
@@ -64,13 +65,13 @@ def make(work: Path) -> None:
     tokenizer.save_pretrained(model_dir)
     out = work / "out"
     data = (HERE.parent.parent.parent / "shared" / "data").resolve()
-    outcome = run_sweep(expand_sweep(golden_config(out, model_dir, data)), InlineExecutor(retries=0), progress=False)
+    outcome = chaintune.run(golden_config(out, model_dir, data), progress=False)
     assert not outcome.failed and not outcome.incomplete_runs
     shutil.rmtree(EXPECTED, ignore_errors=True)
     EXPECTED.mkdir(parents=True)
     for name, df in tables_of(out).items():
         df.to_json(EXPECTED / f"{name}.json", orient="split", double_precision=15, index=False)
-    (EXPECTED / "findings.json").write_text(json.dumps(findings(out), indent=1, ensure_ascii=False) + "\n")
+    (EXPECTED / "findings.json").write_text(json.dumps(findings(load_runs(RunDir(out))), indent=1, ensure_ascii=False) + "\n")
     shutil.rmtree(RUNDIR_V1, ignore_errors=True)
     shutil.copytree(out, RUNDIR_V1, ignore=shutil.ignore_patterns("checkpoint", ".locks", "summary"))
 

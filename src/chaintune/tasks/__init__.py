@@ -11,14 +11,14 @@ from pathlib import Path
 
 from chaintune.errors import ChaintuneError, DataError
 from chaintune.tasks import builtin as _builtin  # noqa: F401  (registers the built-in tasks)
-from chaintune.tasks.base import (_ON_REGISTER, SPLITS, Example, Splits, TaskSpec, canonical_task_name, default_data_dir, get_task,
-                                  register_task, resolve_data_dir, task_names)
+from chaintune.tasks.base import (_ON_REGISTER, SPLITS, Example, Splits, TaskSpec, builtin_task_names, canonical_task_name,
+                                  default_data_dir, get_task, register_task, resolve_data_dir, task_names)
 from chaintune.tasks.splits import subsample
-from chaintune.tasks.user import UserTaskSpec, register_user_task
+from chaintune.tasks.user import UserTaskSpec, parse_user_task, register_user_task, register_user_tasks
 
-__all__ = ["Example", "Splits", "TaskSpec", "SPLITS", "UserTaskSpec", "canonical_task_name", "default_data_dir",
-           "get_task", "load_splits", "load_task", "register_task", "register_user_task", "resolve_data_dir",
-           "task_names"]
+__all__ = ["Example", "Splits", "TaskSpec", "SPLITS", "UserTaskSpec", "builtin_task_names", "canonical_task_name",
+           "default_data_dir", "get_task", "load_splits", "load_task", "parse_user_task", "register_task",
+           "register_user_task", "register_user_tasks", "resolve_data_dir", "task_names"]
 
 
 def _online() -> bool:

@@ -44,6 +44,8 @@ class TaskSpec:
     group_field: str | None = None
     needs_data_dir: bool = True
     data_files: tuple[str, ...] = ()  # files/folders it reads: relative to the data dir, or absolute (user files)
+    origin: str = ""  # what defined it (a user task's spec as JSON): re-registering the same origin is a no-op
+    metrics: tuple[str, ...] = ()  # extra metrics it declares beyond accuracy, e.g. ("bbq_bias",)
 
 
 _REGISTRY: dict[str, TaskSpec] = {}
@@ -66,6 +68,8 @@ def register_task(
     aliases: tuple[str, ...] = (),
     needs_data_dir: bool = True,
     data_files: tuple[str, ...] = (),
+    origin: str = "",
+    metrics: tuple[str, ...] = (),
 ) -> Callable[[Callable[[Path, int], Splits]], Callable[[Path, int], Splits]]:
     """Decorator registering `fn(data_dir, seed) -> {split: [Example]}` as task `name`.
 
@@ -77,12 +81,18 @@ def register_task(
         for listener in _ON_REGISTER:
             listener()
         _REGISTRY[name] = TaskSpec(name, kind, description or (fn.__doc__ or "").strip().split("\n")[0], fn,
-                                   hf_load, group_field, needs_data_dir, tuple(data_files))
+                                   hf_load, group_field, needs_data_dir, tuple(data_files), origin, tuple(metrics))
         for alias in aliases:
             _ALIASES[alias] = name
         return fn
 
     return decorate
+
+
+def registered_origin(name: str) -> str | None:
+    """The origin string of a registered task, or None if no task of that name is registered."""
+    spec = _REGISTRY.get(_ALIASES.get(name, name))
+    return None if spec is None else spec.origin
 
 
 def task_names() -> list[str]:

@@ -187,24 +187,26 @@ def _bbq_hf(seed: int) -> Splits:
 BBQ_DIR, BBQ_LITE_DIR = "bbq/data", "bbq/bbq_lite/resources"
 
 
-@register_task("bbq", kind="safety", group_field="category", hf_load=_bbq_hf, data_files=(BBQ_DIR,),
+def _category_files(folder: Path, pattern: str, first: str, task: str) -> list[Path]:
+    """A BBQ folder's per-category files (sorted); none found is the missing-file error for `first`."""
+    files = sorted(folder.glob(pattern))
+    if not files:
+        require_file(folder / first, task)
+    return files
+
+
+@register_task("bbq", kind="safety", group_field="category", metrics=("bbq_bias",), hf_load=_bbq_hf, data_files=(BBQ_DIR,),
                description="BBQ bias benchmark, official files (ambiguous + disambiguated contexts)")
 def load_bbq(data_dir: Path, seed: int) -> Splits:
-    folder = data_dir / BBQ_DIR
-    files = sorted(folder.glob("*.jsonl"))
-    if not files:
-        require_file(folder / "Age.jsonl", "bbq")
+    files = _category_files(data_dir / BBQ_DIR, "*.jsonl", "Age.jsonl", "bbq")
     examples = [bbq_example(obj, f"{path}:{lineno}") for path in files for lineno, obj in read_jsonl(path)]
     return _split_bbq(examples, seed, "bbq")
 
 
-@register_task("bbq_lite", kind="safety", group_field="category", data_files=(BBQ_LITE_DIR,),
+@register_task("bbq_lite", kind="safety", group_field="category", metrics=("bbq_bias",), data_files=(BBQ_LITE_DIR,),
                description="BIG-bench BBQ-lite (9 categories; a smaller derivative, never mixed with bbq)")
 def load_bbq_lite(data_dir: Path, seed: int) -> Splits:
-    folder = data_dir / BBQ_LITE_DIR
-    files = sorted(folder.glob("*.json.gz"))
-    if not files:
-        require_file(folder / "Age.json.gz", "bbq_lite")
+    files = _category_files(data_dir / BBQ_LITE_DIR, "*.json.gz", "Age.json.gz", "bbq_lite")
     examples = []
     for path in files:
         for i, obj in enumerate(read_json(path).get("examples", [])):

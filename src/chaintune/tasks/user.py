@@ -10,9 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from chaintune.config import NAME_PATTERN
 from chaintune.errors import ConfigError, DataError
-from chaintune.tasks.base import Example, Splits, builtin_task_names, register_task
+from chaintune.io import file_sha256
+from chaintune.names import NAME_PATTERN
+from chaintune.tasks.base import Example, Splits, builtin_task_names, register_task, registered_origin
 from chaintune.tasks.readers import read_csv, read_jsonl
 from chaintune.tasks.splits import stratified_split
 
@@ -162,19 +163,36 @@ def split_user_examples(examples: list[Example], spec: UserTaskSpec, seed: int) 
     return {"train": train, "test": test}
 
 
-def register_user_task(spec: UserTaskSpec | dict[str, Any]) -> str:
-    """Register a user MCQ dataset as a task; returns its name."""
+def parse_user_task(spec: UserTaskSpec | dict[str, Any]) -> UserTaskSpec:
+    """Validate a user task spec (a config's custom_tasks entry) without registering it."""
     try:
-        spec = spec if isinstance(spec, UserTaskSpec) else UserTaskSpec.model_validate(spec)
+        return spec if isinstance(spec, UserTaskSpec) else UserTaskSpec.model_validate(spec)
     except ValueError as exc:
         raise ConfigError(f"invalid user task spec: {exc}".replace("\n", "; "), "see docs/tasks.md") from None
 
+
+def register_user_task(spec: UserTaskSpec | dict[str, Any]) -> str:
+    """Register a user MCQ dataset as a task; returns its name. Registering the same spec for the same file content
+    again changes nothing (its cached splits stay valid)."""
+    spec = parse_user_task(spec)
     if spec.name in builtin_task_names():
         raise ConfigError(f"user task name '{spec.name}' is taken by a built-in task", "choose another name")
+    try:  # the file's content is part of what defines the task: an edited file is registered afresh
+        origin = f"{spec.model_dump_json()} sha256:{file_sha256(spec.path)}"
+    except OSError:
+        origin = spec.model_dump_json()  # unreadable: loading it reports the problem
+    if registered_origin(spec.name) == origin:
+        return spec.name
 
     def load(data_dir: Path, seed: int) -> Splits:
         return split_user_examples(load_user_examples(spec), spec, seed)
 
     register_task(spec.name, kind=spec.kind, description=f"user dataset {spec.path}", group_field=spec.group,
-                  needs_data_dir=False, data_files=(str(spec.path.resolve()),))(load)
+                  needs_data_dir=False, data_files=(str(spec.path.resolve()),), origin=origin)(load)
     return spec.name
+
+
+def register_user_tasks(specs: list[dict[str, Any]]) -> None:
+    """Register a validated config's `custom_tasks` (the engine, plan, verify and eval do this explicitly)."""
+    for spec in specs:
+        register_user_task(spec)

@@ -1,0 +1,302 @@
+"""The run directory: every path and every record of an experiment's `output_dir`, read and written here only.
+
+Layout (schema_version 2; directories written by schema 1, which had no `schema_version` field, still read):
+    experiment.yaml, environment.json       resolved config (first sweep point); versions, device, data hashes
+    sweep/points.json                       every sweep point: label, overrides, resolved config
+    sweep/failures.json, sweep/tracebacks/  jobs that failed after all retries; cleared when they later succeed
+    stages/<node>/node.json                 NodeRecord: what the node is; `status: done` once checkpointed
+    stages/<node>/checkpoint/               safetensors weights (full) or LoRA adapter
+    stages/<node>/train_curve.csv           step, loss, lr, grad_norm, tokens, seconds
+    stages/<node>/eval/<task>.json          EvalRecord: acc, acc_norm, per group, the task's kind and metrics
+    stages/<node>/eval/<task>.predictions.parquet   one row per question
+    stages/<node>/curvature.json            CurvatureRecord
+    stages/.locks/<node>.lock               per-node lock of the worker training it
+    runs/<run>/run.json                     RunRecord: which nodes make the run
+    runs/<run>/accuracy_matrix.csv, group_accuracy.csv, predictions.parquet, train_curves.csv, metrics.json
+    results.parquet / results.csv           one tidy table of every run's accuracies
+    summary/, report/                       written by `chaintune summarize` / `chaintune report`
+
+Every write goes through `RunDir.path_for_write`, which refuses a path that leaves the resolved output directory
+through a symlinked folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from chaintune.errors import ChaintuneError
+from chaintune.io import read_json, write_json, write_table, write_text
+
+SCHEMA_VERSION = 2
+
+
+class Record(BaseModel):
+    """A JSON record of the run directory; unknown keys are kept (a newer release may add some)."""
+
+    model_config = ConfigDict(extra="allow")
+    schema_version: int = 1  # records without the field were written by schema 1
+
+
+class NodeRecord(Record):
+    status: str
+    key: str
+    index: int
+    task: str
+    stage: dict[str, Any]
+    training: dict[str, Any]
+    seed: int
+    parent: str | None
+    n_train_examples: int
+    replayed_per_group: dict[str, int] | None = None
+    steps: int
+    tokens: int
+    train_seconds: float
+    tokens_per_second: float
+    checkpoint_sha256: dict[str, str]
+
+
+class EvalRecord(Record):
+    task: str
+    n: int
+    acc: float
+    acc_norm: float
+    per_group: dict[str, dict[str, Any]]
+    seconds: float = 0.0
+    spec: dict[str, Any] | None = None
+    env: dict[str, Any] | None = None
+    kind: str | None = None  # safety | capability | other (schema 1: looked up from the task registry)
+    metrics: list[str] | None = None  # extra metrics the task declares, e.g. ["bbq_bias"]
+
+
+class CurvatureRecord(Record):
+    stage: int
+    task: str
+    lambda_max: float
+
+
+class RunRecord(Record):
+    run_id: str
+    id: str
+    chain: str
+    base_chain: str
+    variant: str = ""
+    seed: int
+    stages: list[str]  # node folder names, base first
+    eval_tasks: list[str] = []  # tasks scored after every stage, in order (schema 1: not recorded)
+
+
+def _parse(model: type[Record], path: Path) -> Any:
+    try:
+        return model.model_validate(read_json(path))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ChaintuneError(f"'{path}' is not a valid {model.__name__} ({where}: {first['msg']})",
+                             "restore it from a copy, or delete that stage's folder and rerun to recompute it") from None
+
+
+class RunDir:
+    """One experiment's output directory. `root` is resolved once; nothing is written outside it."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    # ------------------------------------------------------------------------------------------------ paths
+    def stage_dir(self, node: str) -> Path:
+        return self.root / "stages" / node
+
+    def node_path(self, node: str) -> Path:
+        return self.stage_dir(node) / "node.json"
+
+    def checkpoint_dir(self, node: str) -> Path:
+        return self.stage_dir(node) / "checkpoint"
+
+    def eval_path(self, node: str, task: str) -> Path:
+        return self.stage_dir(node) / "eval" / f"{task}.json"
+
+    def predictions_path(self, node: str, task: str) -> Path:
+        return self.stage_dir(node) / "eval" / f"{task}.predictions.parquet"
+
+    def curvature_path(self, node: str) -> Path:
+        return self.stage_dir(node) / "curvature.json"
+
+    def train_curve_path(self, node: str) -> Path:
+        return self.stage_dir(node) / "train_curve.csv"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    @property
+    def results_path(self) -> Path:
+        return self.root / "results.parquet"
+
+    @property
+    def environment_path(self) -> Path:
+        return self.root / "environment.json"
+
+    @property
+    def experiment_path(self) -> Path:
+        return self.root / "experiment.yaml"
+
+    @property
+    def points_path(self) -> Path:
+        return self.root / "sweep" / "points.json"
+
+    @property
+    def failures_path(self) -> Path:
+        return self.root / "sweep" / "failures.json"
+
+    def traceback_path(self, node: str) -> Path:
+        return self.root / "sweep" / "tracebacks" / f"{node}.txt"
+
+    @property
+    def summary_dir(self) -> Path:
+        return self.root / "summary"
+
+    def path_for_write(self, path: Path) -> Path:
+        """`path` if writing it stays inside the output directory; a symlinked folder on the way is refused."""
+        path = Path(path)
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            raise ChaintuneError(f"'{path}' is outside the output directory '{self.root}'",
+                                 "report this as a bug") from None
+        folder = self.root
+        for part in rel.parts[:-1]:
+            folder = folder / part
+            if folder.is_symlink():
+                raise ChaintuneError(f"'{folder}' is a symlink: chaintune writes only inside '{self.root}'",
+                                     "replace the link by a real folder (or use another output_dir)")
+        if path.is_symlink():
+            raise ChaintuneError(f"'{path}' is a symlink: chaintune writes only inside '{self.root}'",
+                                 "delete the link (or use another output_dir)")
+        return path
+
+    # ------------------------------------------------------------------------------------------------ writers
+    def write_json(self, path: Path, obj: Any) -> None:
+        write_json(self.path_for_write(path), obj)
+
+    def write_table(self, path: Path, df: pd.DataFrame) -> None:
+        write_table(self.path_for_write(path), df)
+
+    def write_text(self, path: Path, text: str) -> None:
+        write_text(self.path_for_write(path), text)
+
+    def write_record(self, path: Path, record: Record) -> None:
+        self.write_json(path, record.model_dump() | {"schema_version": SCHEMA_VERSION})
+
+    def write_experiment(self, config: dict[str, Any]) -> None:
+        self.write_text(self.experiment_path, yaml.safe_dump(config, sort_keys=False))
+
+    # ------------------------------------------------------------------------------------------------ readers
+    def node(self, node: str) -> NodeRecord | None:
+        path = self.node_path(node)
+        return _parse(NodeRecord, path) if path.is_file() else None
+
+    def node_done(self, node: str) -> bool:
+        record = self.node(node)
+        return record is not None and record.status == "done"
+
+    def evaluation(self, node: str, task: str) -> EvalRecord | None:
+        path = self.eval_path(node, task)
+        return _parse(EvalRecord, path) if path.is_file() else None
+
+    def predictions(self, node: str, task: str) -> pd.DataFrame:
+        return pd.read_parquet(self.predictions_path(node, task))
+
+    def evaluations(self, node: str) -> list[Path]:
+        """The stored evaluation records of a node (sorted paths)."""
+        return sorted((self.stage_dir(node) / "eval").glob("*.json"))
+
+    def curvature(self, node: str) -> dict[str, Any] | None:
+        path = self.curvature_path(node)
+        return _parse(CurvatureRecord, path).model_dump(exclude={"schema_version"}) if path.is_file() else None
+
+    def run(self, run_id: str) -> RunRecord:
+        return _parse(RunRecord, self.run_dir(run_id) / "run.json")
+
+    def run_ids(self) -> list[str]:
+        """Every run with a run.json, sorted."""
+        return sorted(p.parent.name for p in (self.root / "runs").glob("*/run.json"))
+
+    def environment(self) -> dict[str, Any]:
+        return read_json(self.environment_path) if self.environment_path.is_file() else {}
+
+    def experiment(self) -> dict[str, Any]:
+        """The stored experiment config (experiment.yaml), as a mapping."""
+        if not self.experiment_path.is_file():
+            raise ChaintuneError(f"'{self.root}' is not a chaintune run directory (no experiment.yaml)",
+                                 "pass the output_dir of a `chaintune run`")
+        data = yaml.safe_load(self.experiment_path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ChaintuneError(f"'{self.experiment_path}' is not a config mapping", "restore it from a copy")
+        return data
+
+    def point_configs(self) -> list[tuple[str, dict[str, Any]]]:
+        """(sweep point label, config mapping) of every point of the stored experiment."""
+        if self.points_path.is_file():
+            return [(p["label"], p["config"]) for p in read_json(self.points_path)]
+        return [("", self.experiment())]
+
+    def custom_tasks(self) -> list[dict[str, Any]]:
+        """Every user task spec the experiment used (over all sweep points, first definition of a name wins)."""
+        specs: dict[str, dict[str, Any]] = {}
+        for _, data in self.point_configs() if self.experiment_path.is_file() else []:
+            for spec in data.get("custom_tasks") or []:
+                specs.setdefault(str(spec.get("name")), spec)
+        return list(specs.values())
+
+    def failures(self) -> dict[str, dict[str, Any]]:
+        return read_json(self.failures_path) if self.failures_path.is_file() else {}
+
+    def results(self) -> pd.DataFrame:
+        if not self.results_path.is_file():
+            raise ChaintuneError(f"'{self.root}' has no results table (results.parquet)",
+                                 "run the experiment to completion first")
+        return pd.read_parquet(self.results_path)
+
+    # ------------------------------------------------------------------------------------------------ locks
+    @contextlib.contextmanager
+    def node_lock(self, node: str) -> Iterator[None]:
+        """An exclusive lock per node (released by the OS if the holder dies): a stale worker of a killed driver
+        and a new one never train the same node at once."""
+        path = self.path_for_write(self.root / "stages" / ".locks" / f"{node}.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_output_dir(out: RunDir, data_dir: Path | None, data_files: list[str]) -> None:
+    """An output directory may not equal, contain or sit inside the data directory, nor hold a user data file."""
+    if data_dir is not None:
+        data = data_dir.resolve()
+        if out.root == data or data in out.root.parents or out.root in data.parents:
+            raise ChaintuneError(f"output_dir '{out.root}' overlaps the data directory '{data}'",
+                                 "choose an output_dir outside the data directory (data is never written)")
+    for name in data_files:
+        path = Path(name)
+        if path.is_absolute() and out.root in path.resolve().parents:
+            raise ChaintuneError(f"output_dir '{out.root}' holds the user data file '{path}'",
+                                 "choose an output_dir that does not contain your data files")
+
+
+def probe_writable(out: RunDir) -> None:
+    """Create the output directory and check that it can be written (one-line error otherwise)."""
+    probe = out.root / ".write-test"
+    try:
+        out.root.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ChaintuneError(f"cannot write to output_dir '{out.root}' ({exc.strerror or exc})",
+                             "choose a writable output_dir (--set output_dir=...)") from None

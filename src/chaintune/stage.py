@@ -1,0 +1,262 @@
+"""The stage executor: one job, in any process — replay mix → train → save → evaluate → curvature.
+
+`execute(job)` is what every executor runs. It keeps one `WeightCache` per process, so consecutive jobs on the same
+output directory and model reuse the loaded weights (a child branches from its parent without reloading).
+"""
+from __future__ import annotations
+
+import functools
+import random
+import shutil
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import pandas as pd
+
+from chaintune.config import Stage
+from chaintune.errors import ChaintuneError
+from chaintune.evaluate import EvalResult, evaluate
+from chaintune.plan import Job, Node, Settings
+from chaintune.io import file_sha256
+from chaintune.provenance import eval_environment
+from chaintune.rundir import CurvatureRecord, EvalRecord, NodeRecord, RunDir
+from chaintune.tasks import Example, canonical_task_name, get_task, load_task, register_user_tasks, resolve_data_dir
+from chaintune.tasks.splits import stable_seed
+from chaintune.train import attach_lora, train_stage
+from chaintune.weights import WeightCache, checkpoint_ok
+
+
+def eval_done(out: RunDir, node: str, spec: dict[str, Any]) -> bool:
+    """True if `node` holds an evaluation with these settings; an evaluation with other settings is an error
+    (a changed eval_limit, data_seed or split_seed must not silently mix old and new questions)."""
+    record = out.evaluation(node, spec["task"])
+    if record is None:
+        return False
+    stored = record.spec if record.spec is not None else spec
+    if stored != spec:
+        raise ChaintuneError(f"{out.eval_path(node, spec['task'])} was evaluated with {stored}, but this config asks "
+                             f"for {spec}", "use a new output_dir, or delete that eval folder to re-evaluate")
+    return True
+
+
+def job_done(out: RunDir, job: Job) -> bool:
+    """Trained, every evaluation stored with the job's settings (other settings raise), curvature measured if asked."""
+    name = job.node.dirname
+    if job.node.stage is not None and not out.node_done(name):
+        return False
+    if not all([eval_done(out, name, spec) for spec in job.evals]):
+        return False
+    return job.curvature is None or out.curvature_path(name).is_file()
+
+
+def allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """Split `total` items over groups in proportion to non-negative weights (largest remainder, ties by name);
+    equal shares when every weight is 0."""
+    names = sorted(weights)
+    w = {g: max(weights[g], 0.0) for g in names}
+    mass = sum(w.values())
+    share = {g: total * (w[g] / mass if mass > 0 else 1 / len(names)) for g in names}
+    quota = {g: int(share[g]) for g in names}
+    for g in sorted(names, key=lambda g: (-(share[g] - quota[g]), g))[:total - sum(quota.values())]:
+        quota[g] += 1
+    return quota
+
+
+def own_examples(settings: Settings, stage: Stage) -> list[Example]:
+    """The stage task's train split, subsampled to its train_limit."""
+    return load_task(stage.task, "train", resolve_data_dir(settings.data_dir),
+                     limit=settings.task(stage.task).train_limit, seed=settings.data_seed,
+                     split_seed=settings.split_seed)
+
+
+def stage_examples(settings: Settings, stage: Stage, seed: int,
+                   group_forgetting: dict[str, float] | None = None) -> list[Example]:
+    """Training examples of a stage: the task's train split (train_limit), plus replayed examples if configured.
+
+    Replay with fraction f adds n_r = round(f·n/(1−f)) examples from the replayed task's *train* split, so that
+    n_r / (n_r + n) = f (SPEC.md §7); they are drawn seeded by the run seed. Group-balanced replay draws equal
+    numbers per group; targeted replay draws numbers proportional to `group_forgetting` (pp, clipped at 0).
+    """
+    examples = own_examples(settings, stage)
+    if stage.replay and stage.replay.fraction > 0:
+        pool = load_task(stage.replay.task, "train", resolve_data_dir(settings.data_dir), split_seed=settings.split_seed)
+        n_replay = min(len(pool), round(stage.replay.fraction * len(examples) / (1 - stage.replay.fraction)))
+        rng = random.Random(stable_seed("replay", seed, stage.replay.task, n_replay))
+        if stage.replay.balance != "none":
+            by_group: dict[str, list[Example]] = {}
+            for ex in pool:
+                by_group.setdefault(str(ex.group), []).append(ex)
+            if stage.replay.balance == "targeted":
+                if group_forgetting is None:
+                    raise ChaintuneError(f"targeted replay of {stage.replay.task} needs its per-group forgetting",
+                                         "run it inside a chain, after a stage trained on that task")
+                weights = {g: group_forgetting.get(g, 0.0) for g in by_group}
+            else:
+                weights = {g: 1.0 for g in by_group}
+            quota = allocate(n_replay, weights)
+            drawn = [ex for g in sorted(by_group) for ex in rng.sample(by_group[g], min(quota[g], len(by_group[g])))]
+        else:
+            drawn = rng.sample(pool, n_replay)
+        examples = examples + drawn
+    return examples
+
+
+def replay_group_forgetting(out: RunDir, node: Node) -> dict[str, float]:
+    """Per-group forgetting (pp) of the node's replayed task: accuracy after the last stage that trained it minus
+    accuracy after the node's parent (from their stored evaluations)."""
+    assert node.stage is not None and node.stage.replay is not None and node.parent is not None
+    task = canonical_task_name(node.stage.replay.task)
+    trained = [n for n in node.lineage()[1:-1] if canonical_task_name(n.stage.task) == task]
+    if not trained:
+        raise ChaintuneError(f"targeted replay of {task} in stage {node.index} has no earlier stage trained on it",
+                             "use balance: groups, or train that task earlier in the chain")
+    records = [out.evaluation(trained[-1].dirname, task), out.evaluation(node.parent.dirname, task)]
+    if any(r is None for r in records):
+        raise ChaintuneError(f"targeted replay of {task} needs its evaluation after stages {trained[-1].index} "
+                             f"and {node.parent.index}", f"add {task} to the chain's eval_tasks")
+    before, after = (r.per_group for r in records)
+    return {g: before[g]["acc"] - after[g]["acc"] for g in before if g in after}
+
+
+def node_examples(out: RunDir, settings: Settings, node: Node) -> list[Example]:
+    assert node.stage is not None and node.seed is not None
+    targeted = node.stage.replay is not None and node.stage.replay.balance == "targeted"
+    return stage_examples(settings, node.stage, node.seed, replay_group_forgetting(out, node) if targeted else None)
+
+
+def predictions_frame(result: EvalResult) -> pd.DataFrame:
+    df = pd.DataFrame(result.predictions)
+    df["logliks"] = df["logliks"].map(list)
+    return df
+
+
+class StageExecutor:
+    """Executes jobs of one output directory with one weight cache (see the module docstring)."""
+
+    def __init__(self, cache: WeightCache, echo: Callable[[str], None] = print, progress: bool = False):
+        self.cache, self.out, self.echo, self.progress = cache, cache.out, echo, progress
+        self._eval_sets: dict[tuple, list[Example]] = {}
+
+    def eval_set(self, settings: Settings, spec: dict[str, Any]) -> list[Example]:
+        key = (settings.data_dir, *spec.values())
+        if key not in self._eval_sets:
+            self._eval_sets[key] = load_task(spec["task"], "test", resolve_data_dir(settings.data_dir),
+                                             limit=spec["eval_limit"], seed=spec["data_seed"],
+                                             split_seed=spec["split_seed"])
+        return self._eval_sets[key]
+
+    def run(self, job: Job) -> dict[str, Any]:
+        started = time.perf_counter()
+        with self.out.node_lock(job.node.dirname):
+            if job.node.stage is not None:
+                self.train(job)
+            self.evaluate(job)
+            self.measure_curvature(job)
+        return {"seconds": time.perf_counter() - started}
+
+    def evaluate(self, job: Job) -> None:
+        node = job.node
+        for spec in job.evals:
+            if eval_done(self.out, node.dirname, spec):
+                continue
+            model = self.cache.materialize(node)
+            t0 = time.perf_counter()
+            task = spec["task"]
+            result = evaluate(model, self.cache.tokenizer, self.eval_set(job.settings, spec), task,
+                              progress=self.progress, max_tokens=job.settings.eval_max_tokens)
+            self.out.write_table(self.out.predictions_path(node.dirname, task), predictions_frame(result))
+            info = get_task(task)
+            record = EvalRecord(**result.summary(), seconds=time.perf_counter() - t0, spec=spec,
+                                env=eval_environment(model), kind=info.kind, metrics=list(info.metrics))
+            self.out.write_record(self.out.eval_path(node.dirname, task), record)
+            self.echo(f"  eval {node.dirname:<48} {task:<12} acc {result.acc:6.2f}  acc_norm {result.acc_norm:6.2f}"
+                      f"  (n={result.n}, {record.seconds:.0f}s)")
+
+    def train(self, job: Job) -> None:
+        node, out, cache = job.node, self.out, self.cache
+        assert node.stage is not None and node.training is not None and node.seed is not None
+        folder = out.stage_dir(node.dirname)
+        if out.node_done(node.dirname):
+            if checkpoint_ok(out, node):
+                return
+            self.echo(f"  checkpoint of {node.dirname} is missing or corrupt: retraining it")
+            out.node_path(node.dirname).unlink()
+            shutil.rmtree(folder / "eval", ignore_errors=True)
+        cache.materialize(node.parent)
+        examples = node_examples(out, job.settings, node)
+        if node.training.method == "lora":
+            cache.model = attach_lora(cache.model, node.training, node.seed)
+        cache.loaded = None  # weights are about to change
+        self.echo(f"  train {node.dirname}: {len(examples)} examples, lr {node.training.lr:g}, {node.training.method}")
+        work = out.path_for_write(folder / "work")
+        work.mkdir(parents=True, exist_ok=True)
+        result = train_stage(cache.model, cache.tokenizer, examples, node.training, node.seed, work_dir=work,
+                             progress=self.progress, desc=node.dirname)
+        out.write_table(out.train_curve_path(node.dirname), pd.DataFrame(result.curve))
+        ckpt = out.path_for_write(out.checkpoint_dir(node.dirname))
+        shutil.rmtree(ckpt, ignore_errors=True)
+        tmp = out.path_for_write(folder / ".checkpoint.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cache.model.save_pretrained(tmp, safe_serialization=True)
+        if node.training.method == "lora":
+            cache.model = cache.model.merge_and_unload()
+        else:
+            cache.tokenizer.save_pretrained(tmp)
+        tmp.rename(ckpt)
+        n_own = len(own_examples(job.settings, node.stage))
+        replayed = (dict(sorted(Counter(str(e.group) for e in examples[n_own:]).items()))
+                    if node.stage.replay is not None else None)
+        out.write_record(out.node_path(node.dirname), NodeRecord(
+            status="done", key=node.key, index=node.index, task=node.stage.task, stage=node.stage.model_dump(),
+            training=node.training.model_dump(), seed=node.seed, parent=node.parent.dirname if node.parent else None,
+            n_train_examples=len(examples), replayed_per_group=replayed, steps=result.steps, tokens=result.tokens,
+            train_seconds=result.seconds, tokens_per_second=result.tokens / max(result.seconds, 1e-9),
+            checkpoint_sha256={p.name: file_sha256(p) for p in sorted(ckpt.iterdir()) if p.is_file()}))
+        shutil.rmtree(work, ignore_errors=True)
+        cache.model.eval()
+        cache.loaded = node.key
+
+    def measure_curvature(self, job: Job) -> None:
+        """λ_max (and top-k / trace if asked) of the stage's training loss w.r.t. its trainable parameters: all
+        weights for full fine-tuning, the stage's LoRA adapter for LoRA."""
+        from chaintune.curvature import measure_curvature
+
+        cc, node, cache = job.curvature, job.node, self.cache
+        if cc is None or self.out.curvature_path(node.dirname).is_file():
+            return
+        assert node.training is not None and node.seed is not None and node.stage is not None
+        if node.training.method == "lora":
+            from peft import PeftModel
+
+            cache.materialize(node.parent)
+            model = PeftModel.from_pretrained(cache.model, self.out.checkpoint_dir(node.dirname), is_trainable=True)
+            cache.loaded = None
+        else:
+            model = cache.materialize(node).requires_grad_(True)
+        result = measure_curvature(model, cache.tokenizer, node_examples(self.out, job.settings, node),
+                                   n_examples=cc.examples, seed=node.seed, topk=cc.topk, trace=cc.trace,
+                                   trace_samples=cc.trace_samples, micro_batch=cc.micro_batch, tol=cc.tol,
+                                   max_iter=cc.max_iter, method=cc.method, graph_budget=cc.graph_budget)
+        if node.training.method == "lora":
+            cache.model = model.unload()  # drop the adapter again: parent weights, no merge
+        self.out.write_record(self.out.curvature_path(node.dirname),
+                              CurvatureRecord(stage=node.index, task=node.stage.task, **vars(result)))
+        self.echo(f"  curvature {node.dirname}: λ_max {result.lambda_max:.4g} ({result.iterations} iterations"
+                  f"{'' if result.converged else ', not converged'}, {result.seconds:.0f}s)")
+
+
+_PROCESS: dict[str, StageExecutor] = {}  # this process's executor: consecutive jobs reuse the loaded model
+
+
+def execute(job: Job, progress: bool = False) -> dict[str, Any]:
+    """Run one job in this process (what every executor submits); returns {"seconds": wall time}."""
+    register_user_tasks(list(job.settings.custom_tasks))
+    out = RunDir(job.output_dir)
+    ident = (str(out.root), job.settings.model, job.settings.device, job.settings.trust_remote_code)
+    current = _PROCESS.get("executor")
+    if current is None or current.cache.identity() != ident:
+        cache = WeightCache(out, job.settings.model, job.settings.device, job.settings.trust_remote_code)
+        current = _PROCESS["executor"] = StageExecutor(cache, echo=functools.partial(print, flush=True))
+    current.progress = progress
+    return current.run(job)
