@@ -210,9 +210,15 @@ class RunDir:
     def predictions(self, node: str, task: str) -> pd.DataFrame:
         return pd.read_parquet(self.predictions_path(node, task))
 
-    def evaluations(self, node: str) -> list[Path]:
-        """The stored evaluation records of a node (sorted paths)."""
-        return sorted((self.stage_dir(node) / "eval").glob("*.json"))
+    def evaluations(self, node: str) -> list[EvalRecord]:
+        """Every stored evaluation of a node, by task name."""
+        return [_parse(EvalRecord, p) for p in sorted((self.stage_dir(node) / "eval").glob("*.json"))]
+
+    def node_names(self) -> list[str]:
+        """Every stage folder under stages/ (trained or not, the base model's too), sorted."""
+        folder = self.root / "stages"
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if folder.is_dir() else []
 
     def curvature(self, node: str) -> dict[str, Any] | None:
         path = self.curvature_path(node)

@@ -10,13 +10,13 @@ import pandas as pd
 from chaintune.plan import JobId, Plan, Point, make_plan, run_identity
 from chaintune.rundir import RunDir
 from chaintune.stage import job_done, stage_examples
-from chaintune.tasks import load_task, register_user_tasks, resolve_data_dir
+from chaintune.engine import register_tasks
+from chaintune.tasks import load_task, resolve_data_dir
 
 
 def plan_status(points: list[Point], tokens_per_second: float | None = None) -> dict[str, Any]:
     """Every run with its state (done / partial / pending / failed), the job counts and the time estimate."""
-    for point in points:
-        register_user_tasks(point.cfg.custom_tasks)
+    register_tasks(points)
     plan = make_plan(points)
     out = RunDir(plan.out)
     failures = out.failures()
@@ -58,8 +58,7 @@ def estimate_seconds(plan: Plan, out: RunDir, pending: set[JobId], tokens_per_se
             seen = record.steps * record.training["batch_size"] * record.training["grad_accum"]
             tok_per_ex.setdefault(record.task, []).append(record.tokens / max(seen, 1))
             rates.append(record.tokens_per_second)
-        for path in out.evaluations(name):
-            ev = out.evaluation(name, path.name.removesuffix(".json"))
+        for ev in out.evaluations(name):
             eval_rate.append((ev.seconds, ev.n))
     rate = tokens_per_second or (sum(rates) / len(rates) if rates else None)
     if rate is None:

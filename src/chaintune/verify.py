@@ -96,8 +96,7 @@ def verify_run(run_dir: str | Path, *, device: str | None = None, data_dir: str 
                 continue
             seen.add(node.key)
             problem = checkpoint_problem(out, node, cfg.keep_checkpoints)
-            for path in out.evaluations(node.dirname):
-                record = out.evaluation(node.dirname, path.name.removesuffix(".json"))
+            for record in out.evaluations(node.dirname):
                 if problem is None:
                     rows.append(verify_evaluation(cache, cfg, node, record, run_env, tolerance, progress))
                     continue

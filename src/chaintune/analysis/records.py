@@ -6,6 +6,7 @@ is analysed with today's definitions.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,14 +100,32 @@ def run_summary(out: RunDir, record: RunRecord, run_df: pd.DataFrame, prediction
         "curvature": curvature, "replay": replay_metrics(run_df, replay_specs(stage_settings(out, record)))}
 
 
-def task_kind(out: RunDir, task: str, recorded: str | None) -> str:
+class _Schema1:
+    """What schema-1 records do not hold, read once per directory on first need: the user tasks' kinds (from the
+    stored experiment) and each run's eval-task order (from the results table)."""
+
+    def __init__(self, out: RunDir):
+        self.out = out
+
+    @functools.cached_property
+    def user_kinds(self) -> dict[str, str]:
+        return {str(spec.get("name")): spec.get("kind", "other") for spec in self.out.custom_tasks()}
+
+    @functools.cached_property
+    def task_order(self) -> dict[str, list[str]]:
+        if not self.out.results_path.is_file():
+            return {}
+        results = self.out.results()
+        return {str(r): list(dict.fromkeys(part.eval_task)) for r, part in results.groupby("run_id", sort=False)}
+
+
+def task_kind(task: str, recorded: str | None, legacy: _Schema1) -> str:
     """A task's kind: as recorded with its evaluation (schema 2), else from the stored user task specs, else from
     the registry of built-in tasks."""
     if recorded:
         return recorded
-    for spec in out.custom_tasks():
-        if spec.get("name") == task:
-            return spec.get("kind", "other")
+    if task in legacy.user_kinds:
+        return legacy.user_kinds[task]
     from chaintune.tasks import get_task
 
     return get_task(task).kind
@@ -128,29 +147,26 @@ def _point_settings(out: RunDir) -> dict[str, dict[str, Any]]:
     return points | {"": points.get("", next(iter(points.values()), defaults))}
 
 
-def _eval_tasks(out: RunDir, record: RunRecord) -> list[str]:
+def _eval_tasks(out: RunDir, record: RunRecord, legacy: _Schema1) -> list[str]:
     """The tasks the run scored after every stage, in order: recorded in run.json (schema 2); for schema 1, the
     order of the run's rows in the results table, else the tasks every stage of the run holds."""
     if record.eval_tasks:
         return list(record.eval_tasks)
-    if out.results_path.is_file():
-        results = out.results()
-        order = list(dict.fromkeys(results[results.run_id == record.run_id].eval_task))
-        if order:
-            return order
-    held = [p.name.removesuffix(".json") for p in out.evaluations(record.stages[0])]
+    if legacy.task_order.get(record.run_id):
+        return legacy.task_order[record.run_id]
+    held = [ev.task for ev in out.evaluations(record.stages[0])]
     return [t for t in held if all(out.eval_path(n, t).is_file() for n in record.stages)]
 
 
-def load_run(out: RunDir, run_id: str, points: dict[str, dict[str, Any]]) -> RunData:
+def load_run(out: RunDir, run_id: str, points: dict[str, dict[str, Any]], legacy: _Schema1) -> RunData:
     """One run's data, its metrics computed with today's definitions from the stages' records."""
     record = out.run(run_id)
     cfg = points.get(record.variant, points[""])
     defaults = ExperimentConfig.model_fields
-    tasks = _eval_tasks(out, record)
+    tasks = _eval_tasks(out, record, legacy)
     rows = pd.DataFrame(run_rows(out, record, tasks, str(cfg.get("name", ""))))
     last = {t: out.evaluation(record.stages[-1], t) for t in tasks}
-    kinds = {t: task_kind(out, t, ev.kind) for t, ev in last.items()}
+    kinds = {t: task_kind(t, ev.kind, legacy) for t, ev in last.items()}
     metrics = {t: declared_metrics(t, ev.metrics) for t, ev in last.items()}
     settings = stage_settings(out, record)
     predictions = run_predictions(out, record, tasks)
@@ -165,7 +181,8 @@ def load_runs(out: RunDir) -> list[RunData]:
 
     register_user_tasks(out.custom_tasks())  # a fresh process knows the user tasks the experiment used
     points = _point_settings(out)
-    runs = [load_run(out, run_id, points) for run_id in out.run_ids()]
+    legacy = _Schema1(out)
+    runs = [load_run(out, run_id, points, legacy) for run_id in out.run_ids()]
     if not runs:
         raise ChaintuneError(f"'{out.root}' holds no finished runs (no runs/*/run.json)",
                              "pass the output_dir of a finished `chaintune run`")

@@ -94,13 +94,13 @@ def training_curves(run_dir: str | Path) -> pd.DataFrame:
 
 
 def _eval_seconds(out: RunDir, node: str) -> float:
-    return sum(out.evaluation(node, p.name.removesuffix(".json")).seconds for p in out.evaluations(node))
+    return sum(ev.seconds for ev in out.evaluations(node))
 
 
 def _node_table(exp_dir: Path) -> pd.DataFrame:
     """One row per trained stage (and the base model): examples, steps, tokens, and train/eval/curvature seconds."""
     out, rows = RunDir(exp_dir), []
-    folders = sorted(p.name for p in (out.root / "stages").glob("*/") if p.is_dir() and not p.name.startswith("."))
+    folders = out.node_names()
     for name in folders:
         meta = out.node(name)
         if meta is None:
