@@ -1,7 +1,8 @@
 """Behaviour stays identical through the one-engine redesign (issue 18): the golden sweep (tests/golden/sweep.py)
 rerun with today's code, through the Python API and through the CLI, gives the results table, every summary table
 and the findings that the code before the redesign wrote (to 1e-9); the run directory that code wrote
-(tests/fixtures/rundir_v1, schema 1) is analysed by today's code to the same tables."""
+(tests/fixtures/rundir_v1, schema 1; remade on an Intel Xeon by the same a04ca30 code when its runs/ folders were
+found missing from git) is analysed by today's code to the same tables."""
 from __future__ import annotations
 
 import io
@@ -19,6 +20,11 @@ from chaintune.cli import main
 from chaintune.rundir import RunDir
 
 TOLERANCE = 1e-9
+# λ_max comes from float32 Hessian-vector products whose reduction order depends on the CPU's SIMD kernels: the same
+# code gives 4.155234 on an Intel Xeon and 4.155238 on an AMD EPYC, and seed-CI bounds built on it move by up to 2e-5
+# relative. Tables built on λ_max are compared at this relative tolerance; everything else (accuracies, F, RF,
+# groups, bias) at TOLERANCE, and the findings' rounded text exactly.
+CURVATURE_RTOL = 1e-4
 
 
 def round_trip(df: pd.DataFrame) -> pd.DataFrame:
@@ -33,9 +39,10 @@ def assert_golden(out: Path) -> None:
     assert sorted(tables) == expected
     for name, df in tables.items():
         want = pd.read_json(EXPECTED / f"{name}.json", orient="split")
-        pd.testing.assert_frame_equal(round_trip(df), want, check_dtype=False, atol=TOLERANCE, rtol=0, obj=name)
+        rtol = CURVATURE_RTOL if "curvature" in name else 0
+        pd.testing.assert_frame_equal(round_trip(df), want, check_dtype=False, atol=TOLERANCE, rtol=rtol, obj=name)
     answers = findings(load_runs(RunDir(out)))
-    assert answers == json.loads((EXPECTED / "findings.json").read_text())
+    assert answers == json.loads((EXPECTED / "findings.json").read_text())  # rounded text: exact
 
 
 @pytest.fixture
