@@ -17,7 +17,7 @@ import yaml
 import chaintune
 from chaintune.config import validate_config
 from chaintune.plan import build_tree
-from chaintune.errors import TrainingError
+from chaintune.train import DivergedError
 
 
 def experiment(tmp_path: Path, model_dir: Path, data_dir: Path, **overrides) -> dict:
@@ -26,6 +26,7 @@ def experiment(tmp_path: Path, model_dir: Path, data_dir: Path, **overrides) -> 
         "tasks": {"toxigenqa": {"train_limit": 16, "eval_limit": 40}, "arc_easy": {"train_limit": 16, "eval_limit": 20}},
         "training": {"lr": 1e-3, "batch_size": 4, "checkpoint_every": 2},
         "chains": [{"name": "tox_arc", "stages": [{"task": "toxigenqa"}, {"task": "arc_easy"}]}],
+        "quality_gate": {"validation_size": 0},  # tiny random models learn nothing: see test_gate.py for the gate
     }
     cfg.update(overrides)
     return cfg
@@ -111,7 +112,7 @@ def test_nan_loss_stops_with_step_and_lr(tmp_path, tiny_model_dir, real_data_dir
                                                                       "max_grad_norm": None})
     outcome = chaintune.run(cfg, echo=lambda *_: None, progress=False)
     failure = next(f for f in outcome.failed.values() if f["node"].startswith("s1-"))  # stage 2: not run
-    assert failure["error"].startswith(TrainingError.__name__) and re.search(r"at step \d+/\d+ \(lr=1e\+30\)",
+    assert failure["error"].startswith(DivergedError.__name__) and re.search(r"at step \d+/\d+ \(lr=1e\+30\)",
                                                                          failure["error"])
 
 
@@ -121,8 +122,8 @@ def _kill_mid_stage(cmd: list[str], out: Path, timeout: float = 120) -> bool:
     deadline = time.time() + timeout
     try:
         while proc.poll() is None and time.time() < deadline:
-            for state in (out / "stages").glob("s*/work/resume.json"):
-                if not (state.parent.parent / "node.json").exists():
+            for state in (out / "stages").glob("s*/work/attempt*/resume.json"):
+                if not (state.parents[2] / "node.json").exists():
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
                     return True

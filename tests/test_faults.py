@@ -20,6 +20,7 @@ import yaml
 import chaintune
 from chaintune.cli import main
 from chaintune.errors import ChaintuneError, TrainingError
+from chaintune.train import DivergedError
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
 
@@ -302,7 +303,8 @@ def test_infinite_loss_stops_the_stage_with_step_and_lr(tmp_path, mcq_experiment
     monkeypatch.setattr(train, "answer_loss_sum", loss_inf_at_step_3)
     outcome = chaintune.run(mcq_experiment(tmp_path / "out"), echo=lambda *_: None, progress=False)
     error = next(f["error"] for f in outcome.failed.values() if f["node"].startswith("s1-"))
-    assert error.startswith(f"{TrainingError.__name__}: ") and issubclass(TrainingError, ChaintuneError)
+    assert error.startswith(f"{DivergedError.__name__}: ") and issubclass(DivergedError, TrainingError)
+    assert issubclass(TrainingError, ChaintuneError)
     assert re.search(r"loss is inf at step 3/8 \(lr=0\.001\)", error) and "\n" not in error
     (stage,) = (tmp_path / "out" / "stages").glob("s1-*")
     assert not (stage / "node.json").exists() and not (stage / "checkpoint").exists()

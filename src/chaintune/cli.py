@@ -140,6 +140,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for key, info in status["failed"].items():
         lines.append("[red]failed[/] " + escape(f"{info['node']} {info['point']}: {info['error']} "
                                                  f"(attempts: {info['attempts']})"))
+    gates = status["stage_gate"]
+    if not gates.empty:
+        lines.append(f"quality gate: {int(gates.passed.sum())}/{len(gates)} trained stages passed")
+        lines += ["[yellow]failed gate[/] " + escape(f"{r.node}: {r.reasons} (attempts: {r.attempts})")
+                  for r in gates[~gates.passed].itertuples()]
     _console().print("\n".join(lines))
     return 0
 
@@ -199,7 +204,9 @@ def summarize(out_dir: Path) -> int:
     out = RunDir(out_dir)
     runs = load_runs(out)
     tables = summary_tables(runs)
-    titles = {"learning_gain": "Learning gain of each stage on its own task (pp; must be > 0)",
+    titles = {"stage_gate": "Stage quality gate: each stage's held-out validation accuracy (pp) vs its baselines",
+              "excluded_runs": "Runs left out of every table below: a stage failed its quality gate",
+              "learning_gain": "Learning gain of each stage on its own task (pp; must be > 0)",
               "forgetting": "Forgetting F and relative forgetting RF (%) of earlier stages' tasks after the last stage",
               "order_asymmetry": "Order asymmetry: RF(A→B) vs RF(B→A), Welch test over seeds",
               "group_forgetting": "Per-group forgetting F_g and biased forgetting BF_g = F_g − F (pp)",

@@ -47,8 +47,9 @@ class TrainingConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
-    scheduler: Literal["constant", "linear"] = "constant"
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"  # after warmup: constant, or decay to 0
     warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="warmup as a fraction of the stage's steps")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
@@ -58,9 +59,31 @@ class TrainingConfig(Strict):
     l2_prev: float = Field(0.0, ge=0, description="coefficient of (λ/2)·‖θ − θ_stage_start‖² (L2 to previous weights)")
     lora: LoraConfig = LoraConfig()
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between mid-stage resume checkpoints")
+    select_best: bool = Field(False, description="end the stage at the step with the lowest validation loss")
+    eval_every: int | None = Field(None, ge=1, description="steps between validation losses (default: ~10 per stage)")
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "TrainingConfig":
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        return self
+
+    def warmup(self, total_steps: int) -> int:
+        """Warmup steps of a stage of `total_steps` optimizer steps."""
+        return self.warmup_steps or round(self.warmup_ratio * total_steps)
 
 
 TRAINING_FIELDS = set(TrainingConfig.model_fields)
+# fields added after schema 1: left out of a node's identity while at their defaults, so that stages trained by an
+# earlier release keep their keys (and resume) unless the new option is used
+NEW_TRAINING_FIELDS = {"warmup_ratio", "select_best", "eval_every"}
+
+
+def training_identity(training: TrainingConfig) -> dict[str, Any]:
+    """What of a stage's hyper-parameters determines its weights (checkpoint_every does not)."""
+    defaults = TrainingConfig.model_fields
+    return {k: v for k, v in training.model_dump(exclude={"checkpoint_every"}).items()
+            if not (k in NEW_TRAINING_FIELDS and v == defaults[k].default)}
 
 
 class TaskSettings(Strict):
@@ -105,11 +128,38 @@ class Stage(Strict):
         return self.name or (self.task if self.replay is None else f"{self.task}+{self.replay.task}")
 
 
+class QualityGateConfig(Strict):
+    """The stage quality gate: each stage holds out `validation_size` examples of its own train split (seeded, the
+    same for every seed, never trained on) and is **failed** when its loss diverged, when its validation accuracy
+    is below the task's majority-class baseline, or when it gained less than `min_gain` pp on that slice."""
+
+    validation_size: int = Field(64, ge=0, description="held-out train examples per stage task (0: no gate)")
+    min_gain: float = Field(0.0, ge=-100, le=100, description="pp of validation accuracy the stage must gain")
+    divergence_factor: float = Field(1.5, gt=1, description="diverged: last-10%-of-steps mean loss > factor × first")
+    on_failed_stage: Literal["flag", "retry", "stop"] = "flag"  # retry: a new training seed; stop: no later stages
+    max_attempts: int = Field(3, ge=1, le=20, description="retry: training attempts per stage, the first included")
+
+    @property
+    def enabled(self) -> bool:
+        return self.validation_size > 0
+
+    def identity(self) -> dict[str, Any] | None:
+        """What of the gate determines a stage's weights (None when the gate is off: old node keys)."""
+        if not self.enabled:
+            return None
+        ident: dict[str, Any] = {"validation_size": self.validation_size}
+        if self.on_failed_stage == "retry":
+            ident["retry"] = self.model_dump(include={"min_gain", "divergence_factor", "max_attempts"})
+        return ident
+
+
 class CurvatureConfig(Strict):
     """Hessian curvature of the training loss after selected stages (SPEC.md §6)."""
 
     after: list[str] = ["first"]  # stage names/labels (e.g. "toxigenqa"), "first" (stage 1) or "all"
-    examples: int = Field(512, ge=1, description="seeded subset of the stage's training data")
+    examples: int = Field(512, ge=1, description="examples per subset, from the stage's training data")
+    subsets: int = Field(4, ge=1, le=64, description="disjoint example subsets, λ_max on each (interval over them)")
+    disagreement: float = Field(2.0, gt=1, description="warn when the subsets' largest / smallest λ_max exceeds this")
     topk: int = Field(1, ge=1, description="eigenvalues by Lanczos when > 1")
     trace: bool = False
     trace_samples: int = Field(50, ge=2)
@@ -191,6 +241,7 @@ class ExperimentConfig(Strict):
     curvature: CurvatureConfig | None = None
     eval_max_tokens: int = Field(1024, ge=64, description="tokens per evaluation forward pass")
     min_group_size: int = Field(30, ge=1)
+    quality_gate: QualityGateConfig = QualityGateConfig()
     sweep: SweepConfig | None = None
     executor: ExecutorConfig = ExecutorConfig()
 
@@ -228,6 +279,14 @@ class ExperimentConfig(Strict):
                     stage.training(self.training)
                 except ValidationError as exc:
                     raise ValueError(f"chains.{c}.stages.{i}: {_format_validation_error(exc)}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _select_best_needs_validation(self) -> "ExperimentConfig":
+        if not self.quality_gate.enabled and any(s.training(self.training).select_best
+                                                 for c in self.chains for s in c.stages):
+            raise ValueError("select_best needs validation examples: set quality_gate.validation_size above 0 "
+                             "(or select_best: false)")
         return self
 
     def all_tasks(self) -> list[str]:

@@ -185,6 +185,11 @@ class Curvature:
     seconds: float = 0.0
     hvp_calls: int = 0
     method: str = "lanczos"
+    subsets: int = 1
+    lambda_max_subsets: list[float] = field(default_factory=list)  # one λ_max per disjoint example subset
+    lambda_max_ci_low: float | None = None  # t-interval of the mean over subsets (≥ 2 subsets)
+    lambda_max_ci_high: float | None = None
+    disagreement: float | None = None  # largest / smallest |λ_max| over the subsets
 
 
 def _random_unit(dim: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -269,43 +274,83 @@ def hutchinson_trace(hvp, dim: int, device: torch.device, samples: int = 50, see
     return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else math.nan
 
 
-def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_examples: int = 512, seed: int = 0,
-                      topk: int = 1, trace: bool = False, trace_samples: int = 50, micro_batch: int = 8,
+def disjoint_subsets(examples: Sequence[Example], n_examples: int, subsets: int, seed: int) -> list[list[Example]]:
+    """`subsets` disjoint, seeded, group-stratified subsets of `n_examples` each (fewer when `examples` runs short:
+    they share what there is equally). One subset is exactly the single seeded subset of earlier releases."""
+    if len(examples) < subsets:
+        raise ChaintuneError(f"curvature needs at least {subsets} training examples for {subsets} subsets "
+                             f"(the stage has {len(examples)})", "lower curvature.subsets")
+    pool = subsample(list(examples), n_examples * subsets, seed, group=lambda e: e.group, salt="curvature")
+    if subsets == 1:
+        return [pool]
+    order = sorted(range(len(pool)), key=lambda i: (str(pool[i].group), stable_seed("curvature-part", seed, pool[i].id)))
+    return [[pool[i] for i in sorted(order[k::subsets])] for k in range(subsets)]  # round robin within groups
+
+
+def subset_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | tuple[None, None]:
+    """t-interval (Student, n − 1 df) of the mean of per-subset λ_max values; (None, None) below 2 values."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    if x.size < 2:
+        return None, None
+    half = float(stats.t.ppf(0.5 + confidence / 2, x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return float(x.mean()) - half, float(x.mean()) + half
+
+
+def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_examples: int = 512, subsets: int = 1,
+                      seed: int = 0, topk: int = 1, trace: bool = False, trace_samples: int = 50, micro_batch: int = 8,
                       tol: float = 1e-3, max_iter: int = 100, method: str = "lanczos",
                       graph_budget: float = 0) -> Curvature:
-    """λ_max (and optionally top-k eigenvalues and the trace) of the Hessian of the mean training loss over a
-    seeded subset of `examples`, w.r.t. the model's trainable parameters, in fp32.
+    """λ_max (and optionally top-k eigenvalues and the trace) of the Hessian of the mean training loss over seeded
+    subsets of `examples`, w.r.t. the model's trainable parameters, in fp32.
 
-    `method`: "lanczos" (default, fewer HVPs) or "power" for λ_max, both from `HessianOperator.start_vector`; the
-    top-k come from a second, re-orthogonalised Lanczos run from a seeded random vector. `graph_budget`: bytes of
-    first-order graphs the operator may keep between HVPs (0: recompute them; see docs/curvature.md)."""
+    λ_max is measured on `subsets` disjoint subsets of `n_examples` each (`disjoint_subsets`); the result's
+    `lambda_max` is their mean, with a t-interval over the subsets and their largest/smallest ratio (a stage whose
+    subsets disagree has no stable λ_max at this size). Top-k and trace use the first subset. `method`: "lanczos"
+    (default, fewer HVPs) or "power" for λ_max, both from `HessianOperator.start_vector`; the top-k come from a
+    second, re-orthogonalised Lanczos run from a seeded random vector. `graph_budget`: bytes of first-order graphs
+    the operator may keep between HVPs (0: recompute them; see docs/curvature.md)."""
     if method not in METHODS:
         raise ChaintuneError(f"unknown curvature method '{method}'", f"use one of {', '.join(METHODS)}")
-    subset = subsample(list(examples), n_examples, seed, group=lambda e: e.group, salt="curvature")
+    parts = disjoint_subsets(examples, n_examples, subsets, seed)
     original_dtype = next(model.parameters()).dtype
     if {p.dtype for p in model.parameters()} != {torch.float32}:
         model.float()  # HVPs in fp32 even when training used bf16; restored below
     start = time.perf_counter()
     was_training = model.training
     model.eval()
+    runs: list[Curvature] = []
     try:
         with eager_attention(model):
-            op = HessianOperator(model, tokenizer, subset, micro_batch=micro_batch, graph_budget=graph_budget)
-            v0 = op.start_vector(seed)
-            if method == "lanczos":
-                lam, _, iters, converged = lanczos(op, op.dim, op.device, 1, seed, tol, max_iter, start=v0)
-            else:
-                lam, iters, converged = power_iteration(op, op.dim, op.device, seed, tol, max_iter, start=v0)
-            result = Curvature(lam, iters, converged, n_examples=len(subset), n_parameters=op.dim, loss=op.loss(),
-                               method=method)
-            if topk > 1:  # a random start spreads over all eigenvectors evenly: fewer missed cluster members
-                result.topk = lanczos(op, op.dim, op.device, topk, seed, tol, max_iter)[1]
-            if trace:
-                result.trace, result.trace_std_error = hutchinson_trace(op, op.dim, op.device, trace_samples, seed)
+            for k, subset in enumerate(parts):
+                op = HessianOperator(model, tokenizer, subset, micro_batch=micro_batch, graph_budget=graph_budget)
+                v0 = op.start_vector(seed)
+                if method == "lanczos":
+                    lam, _, iters, converged = lanczos(op, op.dim, op.device, 1, seed, tol, max_iter, start=v0)
+                else:
+                    lam, iters, converged = power_iteration(op, op.dim, op.device, seed, tol, max_iter, start=v0)
+                part = Curvature(lam, iters, converged, n_examples=len(subset), n_parameters=op.dim, loss=op.loss(),
+                                 method=method)
+                if k == 0 and topk > 1:  # a random start spreads over all eigenvectors evenly: fewer missed members
+                    part.topk = lanczos(op, op.dim, op.device, topk, seed, tol, max_iter)[1]
+                if k == 0 and trace:
+                    part.trace, part.trace_std_error = hutchinson_trace(op, op.dim, op.device, trace_samples, seed)
+                part.hvp_calls = op.calls
+                runs.append(part)
     finally:
         model.train(was_training)
         if original_dtype != torch.float32:
             model.to(original_dtype)
-    result.seconds = time.perf_counter() - start
-    result.hvp_calls = op.calls
-    return result
+    values = [r.lambda_max for r in runs]
+    low, high = subset_interval(values)
+    magnitudes = [abs(v) for v in values]
+    several = len(runs) > 1
+    return Curvature(
+        lambda_max=float(np.mean(values)), iterations=sum(r.iterations for r in runs),
+        converged=all(r.converged for r in runs), topk=runs[0].topk, trace=runs[0].trace,
+        trace_std_error=runs[0].trace_std_error, n_examples=sum(r.n_examples for r in runs),
+        n_parameters=runs[0].n_parameters, loss=float(np.mean([r.loss for r in runs])),
+        seconds=time.perf_counter() - start, hvp_calls=sum(r.hvp_calls for r in runs), method=method,
+        subsets=len(runs), lambda_max_subsets=values if several else [], lambda_max_ci_low=low, lambda_max_ci_high=high,
+        disagreement=max(magnitudes) / min(magnitudes) if several and min(magnitudes) > 0 else None)

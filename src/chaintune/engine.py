@@ -144,6 +144,11 @@ def _schedule(plan: Plan, out: RunDir, executor, echo: Callable[[str], None], pr
                 fail(key, f"not run: a stage it depends on failed ({', '.join(str(d) for d in job.deps if str(d) in failed)})")
             elif not any(d in pending or d in busy for d in job.deps) and executor.has_capacity(len(running)):
                 pending.discard(key)
+                stopped = gate_stop(out, job)
+                if stopped:
+                    fail(key, stopped)
+                    echo(f"  [yellow]{escape(stopped)}[/]")
+                    continue
                 running[executor.submit(work, job)] = key
                 busy.add(key)
         if not running:
@@ -179,6 +184,17 @@ def _schedule(plan: Plan, out: RunDir, executor, echo: Callable[[str], None], pr
                  f" done in {info['seconds']:.0f}s")
             release_checkpoints(plan, out, job, pending | set(running.values()))
     return failed, jobs_run
+
+
+def gate_stop(out: RunDir, job: Job) -> str | None:
+    """Why `job` must not run: an earlier stage of its lineage failed its quality gate under `on_failed_stage:
+    stop`; None if nothing stops it."""
+    for node in job.node.lineage()[1:-1]:
+        record = out.node(node.dirname)
+        if record is not None and record.gate is not None and record.gate.failed and record.gate.policy == "stop":
+            return (f"not run: stage {node.dirname} failed its quality gate ({'; '.join(record.gate.final.reasons)})"
+                    " and on_failed_stage is stop")
+    return None
 
 
 def release_checkpoints(plan: Plan, out: RunDir, job: Job, unfinished: set[JobId]) -> None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaintune.config import (CurvatureConfig, ExperimentConfig, Stage, TaskSettings, TrainingConfig, config_hash,
-                              read_config, set_path, validate_config)
+from chaintune.config import (CurvatureConfig, ExperimentConfig, QualityGateConfig, Stage, TaskSettings,
+                              TrainingConfig, config_hash, read_config, set_path, training_identity, validate_config)
 from chaintune.tasks import canonical_task_name
 
 
@@ -109,9 +109,11 @@ def build_tree(cfg: ExperimentConfig, variant: str = "") -> tuple[list[Run], lis
                 training = stage.training(cfg.training)
                 ident = {"parent": parent.key, "task": task_id(cfg, stage.task),
                          "replay": stage.replay.model_dump() if stage.replay else None,
-                         "train_limit": cfg.task_settings(stage.task).train_limit, "training": training.model_dump(
-                             exclude={"checkpoint_every"}), "seed": seed, "split_seed": cfg.split_seed,
+                         "train_limit": cfg.task_settings(stage.task).train_limit,
+                         "training": training_identity(training), "seed": seed, "split_seed": cfg.split_seed,
                          "data_seed": cfg.data_seed}
+                if cfg.quality_gate.identity() is not None:  # the held-out slice changes the training examples
+                    ident["quality_gate"] = cfg.quality_gate.identity()
                 custom = [t for t in cfg.custom_tasks if t.get("name") in (stage.task, stage.replay and stage.replay.task)]
                 if custom:  # a user dataset is identified by its spec (path, columns), not only its name
                     ident["custom_tasks"] = custom
@@ -215,11 +217,12 @@ class Settings:
     split_seed: int
     tasks: dict[str, TaskSettings]
     custom_tasks: tuple[dict[str, Any], ...]
+    quality_gate: QualityGateConfig
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> "Settings":
         return cls(cfg.model, cfg.trust_remote_code, cfg.data_dir, cfg.device, cfg.eval_max_tokens, cfg.data_seed,
-                   cfg.split_seed, dict(cfg.tasks), tuple(cfg.custom_tasks))
+                   cfg.split_seed, dict(cfg.tasks), tuple(cfg.custom_tasks), cfg.quality_gate)
 
     def task(self, name: str) -> TaskSettings:
         return self.tasks.get(name, TaskSettings())

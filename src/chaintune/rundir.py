@@ -6,7 +6,8 @@ Layout (schema_version 2; directories written by schema 1, which had no `schema_
     sweep/failures.json, sweep/tracebacks/  jobs that failed after all retries; cleared when they later succeed
     stages/<node>/node.json                 NodeRecord: what the node is; `status: done` once checkpointed
     stages/<node>/checkpoint/               safetensors weights (full) or LoRA adapter
-    stages/<node>/train_curve.csv           step, loss, lr, grad_norm, tokens, seconds
+    stages/<node>/train_curve.csv           step, loss, lr, grad_norm, tokens, seconds (val_loss with select_best)
+    stages/<node>/attempts.json             quality-gate attempts finished while the stage is still in training
     stages/<node>/eval/<task>.json          EvalRecord: acc, acc_norm, per group, the task's kind and metrics
     stages/<node>/eval/<task>.predictions.parquet   one row per question
     stages/<node>/curvature.json            CurvatureRecord
@@ -43,6 +44,50 @@ class Record(BaseModel):
     schema_version: int = 1  # records without the field were written by schema 1
 
 
+class GateAttempt(BaseModel):
+    """One training attempt of a stage under the quality gate (chaintune.gate); accuracies in pp."""
+
+    model_config = ConfigDict(extra="allow")
+    attempt: int  # 0-based
+    train_seed: int
+    val_acc: float
+    val_acc_before: float  # the parent's accuracy on the same slice
+    loss_first: float | None = None  # mean training loss of the first / last tenth of the steps (nats)
+    loss_last: float | None = None
+    diverged: bool = False
+    reasons: list[str] = []  # why it failed; empty: passed
+
+    @property
+    def gain(self) -> float:
+        return self.val_acc - self.val_acc_before
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.reasons)
+
+
+class GateRecord(BaseModel):
+    """The quality gate of one stage: its validation slice, the task's baselines, every attempt, the verdict."""
+
+    model_config = ConfigDict(extra="allow")
+    n_validation: int
+    majority_baseline: float
+    majority_rule: str  # e.g. "position 0" or "answer 'no'"
+    chance_baseline: float
+    min_gain: float
+    policy: str  # flag | retry | stop
+    attempts: list[GateAttempt]
+
+    @property
+    def final(self) -> GateAttempt:
+        """The attempt whose weights the stage kept (the last one)."""
+        return self.attempts[-1]
+
+    @property
+    def failed(self) -> bool:
+        return self.final.failed
+
+
 class NodeRecord(Record):
     status: str
     key: str
@@ -59,6 +104,8 @@ class NodeRecord(Record):
     train_seconds: float
     tokens_per_second: float
     checkpoint_sha256: dict[str, str]
+    gate: GateRecord | None = None  # None: trained without the quality gate (validation_size 0, or schema 1)
+    best_step: int | None = None  # select_best: the step whose weights were kept
 
 
 class EvalRecord(Record):
@@ -77,7 +124,8 @@ class EvalRecord(Record):
 class CurvatureRecord(Record):
     stage: int
     task: str
-    lambda_max: float
+    lambda_max: float  # mean over the disjoint example subsets (one subset in schema 1)
+    unstable: bool = False  # the subsets' largest / smallest λ_max exceeded curvature.disagreement
 
 
 class RunRecord(Record):
@@ -122,6 +170,10 @@ class RunDir:
 
     def predictions_path(self, node: str, task: str) -> Path:
         return self.stage_dir(node) / "eval" / f"{task}.predictions.parquet"
+
+    def attempts_path(self, node: str) -> Path:
+        """Gate attempts of a stage still in training (a kill between attempts resumes at the next one)."""
+        return self.stage_dir(node) / "attempts.json"
 
     def curvature_path(self, node: str) -> Path:
         return self.stage_dir(node) / "curvature.json"

@@ -18,12 +18,14 @@ from chaintune.config import Stage
 from chaintune.errors import ChaintuneError
 from chaintune.evaluate import EvalResult, evaluate
 from chaintune.plan import Job, Node, Settings
-from chaintune.io import file_sha256
+from chaintune.io import file_sha256, read_json
 from chaintune.provenance import eval_environment
-from chaintune.rundir import CurvatureRecord, EvalRecord, NodeRecord, RunDir
+from chaintune.gate import (chance_baseline, diverged, failure_reasons, loss_ends, majority_baseline,
+                            split_validation, train_seed)
+from chaintune.rundir import CurvatureRecord, EvalRecord, GateAttempt, GateRecord, NodeRecord, RunDir
 from chaintune.tasks import Example, canonical_task_name, get_task, load_task, register_user_tasks, resolve_data_dir
-from chaintune.tasks.splits import stable_seed
-from chaintune.train import attach_lora, train_stage
+from chaintune.tasks.splits import stable_seed, subsample
+from chaintune.train import DivergedError, StageTrainResult, attach_lora, train_stage
 from chaintune.weights import WeightCache, checkpoint_ok
 
 
@@ -63,11 +65,19 @@ def allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
     return quota
 
 
+def train_pool(settings: Settings, task: str) -> tuple[list[Example], list[Example]]:
+    """(trainable, validation) parts of a task's train split: the quality gate's validation slice is held out
+    (chaintune.gate.split_validation); without the gate, the whole split and no slice."""
+    pool = load_task(task, "train", resolve_data_dir(settings.data_dir), split_seed=settings.split_seed)
+    return split_validation(pool, settings.quality_gate.validation_size, settings.data_seed, canonical_task_name(task))
+
+
 def own_examples(settings: Settings, stage: Stage) -> list[Example]:
-    """The stage task's train split, subsampled to its train_limit."""
-    return load_task(stage.task, "train", resolve_data_dir(settings.data_dir),
-                     limit=settings.task(stage.task).train_limit, seed=settings.data_seed,
-                     split_seed=settings.split_seed)
+    """The stage task's train split without its validation slice, subsampled to its train_limit (seeded by
+    data_seed, stratified by group: the same examples for every run seed)."""
+    rest, _ = train_pool(settings, stage.task)
+    return subsample(rest, settings.task(stage.task).train_limit, settings.data_seed, group=lambda e: e.group,
+                     salt=f"{canonical_task_name(stage.task)}/train")
 
 
 def stage_examples(settings: Settings, stage: Stage, seed: int,
@@ -80,7 +90,7 @@ def stage_examples(settings: Settings, stage: Stage, seed: int,
     """
     examples = own_examples(settings, stage)
     if stage.replay and stage.replay.fraction > 0:
-        pool = load_task(stage.replay.task, "train", resolve_data_dir(settings.data_dir), split_seed=settings.split_seed)
+        pool, _ = train_pool(settings, stage.replay.task)  # never the replayed task's validation slice
         n_replay = min(len(pool), round(stage.replay.fraction * len(examples) / (1 - stage.replay.fraction)))
         rng = random.Random(stable_seed("replay", seed, stage.replay.task, n_replay))
         if stage.replay.balance != "none":
@@ -174,6 +184,8 @@ class StageExecutor:
                       f"  (n={result.n}, {record.seconds:.0f}s)")
 
     def train(self, job: Job) -> None:
+        """Train the job's node and save it: with the quality gate, score its validation slice before and after,
+        and under `on_failed_stage: retry` train again with a new seed until it passes or attempts run out."""
         node, out, cache = job.node, self.out, self.cache
         assert node.stage is not None and node.training is not None and node.seed is not None
         folder = out.stage_dir(node.dirname)
@@ -183,17 +195,83 @@ class StageExecutor:
             self.echo(f"  checkpoint of {node.dirname} is missing or corrupt: retraining it")
             out.node_path(node.dirname).unlink()
             shutil.rmtree(folder / "eval", ignore_errors=True)
-        cache.materialize(node.parent)
+        gate = job.settings.quality_gate
         examples = node_examples(out, job.settings, node)
+        trainable, validation = train_pool(job.settings, node.stage.task)
+        attempts = self._finished_attempts(node)
+        if validation:
+            before = self._validation_accuracy(cache.materialize(node.parent), job, validation)
+            majority, rule = majority_baseline(trainable, validation)
+        while True:
+            seed = train_seed(node.seed, len(attempts))
+            work = folder / "work" / f"attempt{len(attempts)}"
+            result, nan_error = self._train_attempt(job, examples, seed, validation, work)
+            if not validation:
+                break
+            losses = [r["loss"] for r in result.curve]
+            is_diverged = nan_error is not None or diverged(losses, gate.divergence_factor)
+            val_acc = self._validation_accuracy(cache.model, job, validation)
+            first, last = loss_ends(losses)
+            attempts.append(GateAttempt(
+                attempt=len(attempts), train_seed=seed, val_acc=val_acc, val_acc_before=before,
+                loss_first=first, loss_last=last, diverged=is_diverged, reasons=failure_reasons(
+                    is_diverged=is_diverged, val_acc=val_acc, val_acc_before=before, majority=majority,
+                    min_gain=gate.min_gain)))
+            verdict = "passed" if not attempts[-1].failed else "FAILED: " + "; ".join(attempts[-1].reasons)
+            self.echo(f"  gate {node.dirname} (attempt {len(attempts)}): validation {before:.1f} → {val_acc:.1f} % "
+                      f"(majority {majority:.1f} %) {verdict}")
+            if not attempts[-1].failed or gate.on_failed_stage != "retry" or len(attempts) >= gate.max_attempts:
+                if nan_error is not None:  # no attempt left: NaN weights are no stage to build on
+                    raise nan_error
+                break
+            out.write_json(out.attempts_path(node.dirname), [a.model_dump() for a in attempts])
+        gate_record = None
+        if validation:
+            gate_record = GateRecord(n_validation=len(validation), majority_baseline=majority, majority_rule=rule,
+                                     chance_baseline=chance_baseline(validation), min_gain=gate.min_gain,
+                                     policy=gate.on_failed_stage, attempts=attempts)
+        self._save(job, examples, result, gate_record)
+
+    def _finished_attempts(self, node: Node) -> list[GateAttempt]:
+        """Gate attempts that failed before a kill (attempts.json), so a rerun goes on with the next one."""
+        path = self.out.attempts_path(node.dirname)
+        return [GateAttempt.model_validate(a) for a in read_json(path)] if path.is_file() else []
+
+    def _validation_accuracy(self, model, job: Job, validation: list[Example]) -> float:
+        task = canonical_task_name(job.node.stage.task)
+        return evaluate(model, self.cache.tokenizer, validation, task, max_tokens=job.settings.eval_max_tokens).acc
+
+    def _train_attempt(self, job: Job, examples: list[Example], seed: int, validation: list[Example], work
+                       ) -> tuple[StageTrainResult, DivergedError | None]:
+        """One training run of the node from its parent's weights with `seed`: (result, the NaN-loss error or None).
+        A NaN loss fails the job (it is almost always a wrong setting), except under `on_failed_stage: retry`,
+        where it is a failed attempt and another seed is tried."""
+        node, cache = job.node, self.cache
+        cache.materialize(node.parent)
         if node.training.method == "lora":
-            cache.model = attach_lora(cache.model, node.training, node.seed)
+            cache.model = attach_lora(cache.model, node.training, seed)
         cache.loaded = None  # weights are about to change
-        self.echo(f"  train {node.dirname}: {len(examples)} examples, lr {node.training.lr:g}, {node.training.method}")
-        work = out.path_for_write(folder / "work")
+        self.echo(f"  train {node.dirname}: {len(examples)} examples, lr {node.training.lr:g}, {node.training.method}"
+                  + (f", seed {seed}" if seed != node.seed else ""))
+        work = self.out.path_for_write(work)
         work.mkdir(parents=True, exist_ok=True)
-        result = train_stage(cache.model, cache.tokenizer, examples, node.training, node.seed, work_dir=work,
-                             progress=self.progress, desc=node.dirname)
-        out.write_table(out.train_curve_path(node.dirname), pd.DataFrame(result.curve))
+        try:
+            return train_stage(cache.model, cache.tokenizer, examples, node.training, seed, work_dir=work,
+                               progress=self.progress, desc=node.dirname, validation=validation), None
+        except DivergedError as exc:
+            if not validation or job.settings.quality_gate.on_failed_stage != "retry":
+                raise
+            curve = exc.curve
+            return StageTrainResult(len(curve), int(curve[-1]["tokens"]) if curve else 0,
+                                    float(curve[-1]["seconds"]) if curve else 0.0, curve), exc
+
+    def _save(self, job: Job, examples: list[Example], result: StageTrainResult, gate: GateRecord | None) -> None:
+        """Write the trained node: curve, checkpoint (atomic rename), then node.json — the record that marks it done."""
+        node, out, cache = job.node, self.out, self.cache
+        folder = out.stage_dir(node.dirname)
+        out.write_table(out.train_curve_path(node.dirname), pd.DataFrame(result.curve, columns=list(
+            dict.fromkeys(["step", "epoch", "loss", "lr", "grad_norm", "tokens", "seconds",
+                           *(k for r in result.curve for k in r)]))))
         ckpt = out.path_for_write(out.checkpoint_dir(node.dirname))
         shutil.rmtree(ckpt, ignore_errors=True)
         tmp = out.path_for_write(folder / ".checkpoint.tmp")
@@ -212,8 +290,10 @@ class StageExecutor:
             training=node.training.model_dump(), seed=node.seed, parent=node.parent.dirname if node.parent else None,
             n_train_examples=len(examples), replayed_per_group=replayed, steps=result.steps, tokens=result.tokens,
             train_seconds=result.seconds, tokens_per_second=result.tokens / max(result.seconds, 1e-9),
-            checkpoint_sha256={p.name: file_sha256(p) for p in sorted(ckpt.iterdir()) if p.is_file()}))
-        shutil.rmtree(work, ignore_errors=True)
+            checkpoint_sha256={p.name: file_sha256(p) for p in sorted(ckpt.iterdir()) if p.is_file()},
+            gate=gate, best_step=result.best_step))
+        shutil.rmtree(folder / "work", ignore_errors=True)
+        out.attempts_path(node.dirname).unlink(missing_ok=True)
         cache.model.eval()
         cache.loaded = node.key
 
@@ -235,15 +315,22 @@ class StageExecutor:
         else:
             model = cache.materialize(node).requires_grad_(True)
         result = measure_curvature(model, cache.tokenizer, node_examples(self.out, job.settings, node),
-                                   n_examples=cc.examples, seed=node.seed, topk=cc.topk, trace=cc.trace,
+                                   n_examples=cc.examples, subsets=cc.subsets, seed=node.seed, topk=cc.topk, trace=cc.trace,
                                    trace_samples=cc.trace_samples, micro_batch=cc.micro_batch, tol=cc.tol,
                                    max_iter=cc.max_iter, method=cc.method, graph_budget=cc.graph_budget)
         if node.training.method == "lora":
             cache.model = model.unload()  # drop the adapter again: parent weights, no merge
+        unstable = result.disagreement is not None and result.disagreement > cc.disagreement
         self.out.write_record(self.out.curvature_path(node.dirname),
-                              CurvatureRecord(stage=node.index, task=node.stage.task, **vars(result)))
-        self.echo(f"  curvature {node.dirname}: λ_max {result.lambda_max:.4g} ({result.iterations} iterations"
-                  f"{'' if result.converged else ', not converged'}, {result.seconds:.0f}s)")
+                              CurvatureRecord(stage=node.index, task=node.stage.task, **vars(result), unstable=unstable))
+        interval = (f" [{result.lambda_max_ci_low:.4g}, {result.lambda_max_ci_high:.4g}] over {result.subsets} subsets"
+                    if result.lambda_max_ci_low is not None else "")
+        self.echo(f"  curvature {node.dirname}: λ_max {result.lambda_max:.4g}{interval} ({result.iterations} "
+                  f"iterations{'' if result.converged else ', not converged'}, {result.seconds:.0f}s)")
+        if unstable:
+            self.echo(f"  warning: λ_max of {node.dirname} differs by a factor {result.disagreement:.2f} "
+                      f"between its {result.subsets} example subsets (> {cc.disagreement:g}): it is not stable at "
+                      f"{cc.examples} examples — raise curvature.examples")
 
 
 _PROCESS: dict[str, StageExecutor] = {}  # this process's executor: consecutive jobs reuse the loaded model

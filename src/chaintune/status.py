@@ -1,5 +1,5 @@
-"""What `chaintune plan` prints: every run's state, stage counts with and without prefix reuse, failed jobs, and
-a time estimate from the throughput measured on the experiment's finished stages."""
+"""What `chaintune plan` prints: every run's state, stage counts with and without prefix reuse, failed jobs, the
+stages that failed their quality gate, and a time estimate from the throughput measured on the experiment's finished stages."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from chaintune.analysis.quality import gate_frame, gate_row
 from chaintune.plan import JobId, Plan, Point, make_plan, run_identity
 from chaintune.rundir import RunDir
 from chaintune.stage import job_done, stage_examples
@@ -31,7 +32,9 @@ def plan_status(points: list[Point], tokens_per_second: float | None = None) -> 
                      "jobs_done": f"{done}/{len(keys)}", "state": state, "error": errors[0] if errors else "",
                      "id": run_identity(plan.points[i].cfg, run)})
     trained = plan.trained_nodes
-    return {"runs": pd.DataFrame(rows), "n_runs": len(plan.runs), "n_points": len(points),
+    records = {n.dirname: out.node(n.dirname) for n in trained}
+    gates = gate_frame(gate_row(name, r) for name, r in records.items() if r is not None and r.status == "done")
+    return {"stage_gate": gates, "runs": pd.DataFrame(rows), "n_runs": len(plan.runs), "n_points": len(points),
             "stages_planned": len(trained), "stages_without_reuse": plan.stages_without_reuse,
             "stages_done": sum(out.node_done(n.dirname) for n in trained), "jobs": len(plan.jobs),
             "jobs_pending": len(pending), "failed": {k: v for k, v in failures.items() if JobId(*_parse_id(k)) in pending},

@@ -94,12 +94,16 @@ def _accumulate_gradients(model, batches, n_answer: int, autocast_bf16: bool) ->
 
 
 def lr_at(step: int, total: int, cfg: TrainingConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant or linear decay to 0."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    """Learning rate for optimizer step `step` (0-based) of `total`: linear warmup over `cfg.warmup(total)` steps,
+    then constant, linear decay to 0, or cosine decay to 0 (half a period over the steps after warmup)."""
+    warmup = cfg.warmup(total)
+    if warmup and step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
     if cfg.scheduler == "linear":
-        decay_steps = max(1, total - cfg.warmup_steps)
-        return cfg.lr * max(0.0, 1 - (step - cfg.warmup_steps) / decay_steps)
+        return cfg.lr * max(0.0, 1 - progress)
+    if cfg.scheduler == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr
 
 
@@ -119,15 +123,58 @@ class StageTrainResult:
     tokens: int
     seconds: float
     curve: list[dict[str, float]] = field(default_factory=list)
+    best_step: int | None = None  # select_best: the step whose weights the model holds
+
+
+class DivergedError(TrainingError):
+    """The training loss became NaN or infinite; `curve` holds the steps before it (the model holds their weights)."""
+
+    def __init__(self, problem: str, fix: str, curve: list[dict[str, float]]):
+        super().__init__(problem, fix)
+        self.curve = curve
+
+
+@torch.no_grad()
+def validation_loss(model, data: Sequence[SFTExample], pad_id: int, batch_size: int) -> float:
+    """Mean answer-token cross-entropy (nats) of `data`, in eval mode (the caller's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        loss_sum, n = answer_loss_sum(model, *_collate(data[i:i + batch_size], pad_id, device))
+        total, count = total + float(loss_sum), count + n
+    model.train(was_training)
+    return total / max(count, 1)
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_resume_state(folder: Path, model, optimizer, step: int, curve: list, tokens: int, seconds: float) -> None:
+@dataclass
+class _Best:
+    """select_best: the lowest validation loss so far, its step and a CPU copy of the trainable weights then."""
+
+    loss: float = math.inf
+    step: int | None = None
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def offer(self, loss: float, step: int, model) -> None:
+        if loss < self.loss:
+            self.loss, self.step = loss, step
+            self.weights = {n: p.detach().to("cpu", copy=True) for n, p in _trainable(model).items()}
+
+    def restore(self, model) -> None:
+        with torch.no_grad():
+            for n, p in _trainable(model).items():
+                p.copy_(self.weights[n])
+
+
+def _save_resume_state(folder: Path, model, optimizer, step: int, curve: list, tokens: int, seconds: float,
+                       best: _Best) -> None:
     params = _trainable(model)
-    tensors = {f"param/{n}": p for n, p in params.items()}
+    tensors = {f"param/{n}": p for n, p in params.items()} | {f"best/{n}": w for n, w in best.weights.items()}
     index = {id(p): n for n, p in params.items()}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -135,10 +182,12 @@ def _save_resume_state(folder: Path, model, optimizer, step: int, curve: list, t
                 if torch.is_tensor(value):
                     tensors[f"optim/{index[id(p)]}/{key}"] = value
     write_safetensors(folder / "resume.safetensors", tensors)
-    write_json(folder / "resume.json", {"step": step, "curve": curve, "tokens": tokens, "seconds": seconds})
+    write_json(folder / "resume.json", {"step": step, "curve": curve, "tokens": tokens, "seconds": seconds,
+                                        "best_loss": best.loss if best.step is not None else None,
+                                        "best_step": best.step})
 
 
-def _load_resume_state(folder: Path, model, optimizer) -> tuple[int, list, int, float] | None:
+def _load_resume_state(folder: Path, model, optimizer, best: _Best) -> tuple[int, list, int, float] | None:
     from safetensors.torch import load_file
 
     meta, blob = folder / "resume.json", folder / "resume.safetensors"
@@ -158,22 +207,31 @@ def _load_resume_state(folder: Path, model, optimizer) -> tuple[int, list, int, 
         moments = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim/{n}/")}
         if moments:
             optimizer.state[p] = {k: v.to(p.device) for k, v in moments.items()}
+    if state.get("best_step") is not None:
+        best.loss, best.step = float(state["best_loss"]), int(state["best_step"])
+        best.weights = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
     return int(state["step"]), list(state["curve"]), int(state["tokens"]), float(state["seconds"])
 
 
 def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConfig, seed: int, *,
                 work_dir: Path | None = None, progress: bool = False, desc: str = "train",
-                on_step: Callable[[dict[str, Any]], None] | None = None) -> StageTrainResult:
+                on_step: Callable[[dict[str, Any]], None] | None = None,
+                validation: Sequence[Example] = ()) -> StageTrainResult:
     """Fine-tune `model` in place on `examples` (answer-only loss). Deterministic given `seed`.
 
     With `work_dir`, a resume state (trainable weights + AdamW moments) is written every `cfg.checkpoint_every`
     steps, and a rerun continues from it; step-level RNG is reseeded from (seed, step), so a resumed stage gives
-    the same weights as an uninterrupted one.
+    the same weights as an uninterrupted one. With `cfg.select_best`, the loss on `validation` is measured every
+    `cfg.eval_every` steps (and after the last) and the model ends with the weights of the lowest one. A NaN or
+    infinite loss raises `DivergedError` (weights of the last finite step kept).
     """
     from tqdm.auto import tqdm
 
     if not examples:
         raise TrainingError(f"stage '{desc}' has no training examples", "check the task's train split and train_limit")
+    if cfg.select_best and not validation:
+        raise TrainingError(f"stage '{desc}': select_best needs validation examples",
+                            "set quality_gate.validation_size above 0, or select_best: false")
     device = next(model.parameters()).device
     autocast_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     data = tokenize_sft(tokenizer, examples, cfg.max_length)
@@ -187,9 +245,12 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     anchor = [p.detach().clone() for p in params] if cfg.l2_prev > 0 else None  # weights at the stage start
+    val_data = tokenize_sft(tokenizer, validation, cfg.max_length) if cfg.select_best else []
+    eval_every = cfg.eval_every or max(1, total // 10)
+    best = _Best()
     start, curve, tokens, seconds = 0, [], 0, 0.0
     if work_dir is not None:
-        resumed = _load_resume_state(work_dir, model, optimizer)
+        resumed = _load_resume_state(work_dir, model, optimizer, best)
         if resumed:
             start, curve, tokens, seconds = resumed
     model.train()
@@ -211,8 +272,11 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
         step_tokens = sum(int(mask.sum()) for _, _, mask in batches)
         mean_loss = step_loss / n_answer
         if not math.isfinite(mean_loss):
-            raise TrainingError(f"stage '{desc}': loss is {mean_loss} at step {step + 1}/{total} (lr={lr:g})",
-                                "lower the learning rate or keep gradient clipping on (max_grad_norm)")
+            optimizer.zero_grad(set_to_none=True)
+            bar.close()
+            model.eval()
+            raise DivergedError(f"stage '{desc}': loss is {mean_loss} at step {step + 1}/{total} (lr={lr:g})",
+                                "lower the learning rate or keep gradient clipping on (max_grad_norm)", curve)
         if cfg.optimizer == "sam":  # gradient at the worst point of a ρ-ball (Foret et al. 2021), then step from w
             with torch.no_grad():
                 norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
@@ -242,14 +306,20 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
         tokens += step_tokens
         record = {"step": step + 1, "epoch": epoch + (index + 1) / steps_per_epoch, "loss": mean_loss, "lr": lr,
                   "grad_norm": float(grad_norm), "tokens": tokens, "seconds": seconds}
+        if val_data and ((step + 1) % eval_every == 0 or step + 1 == total):
+            record["val_loss"] = validation_loss(model, val_data, pad_id, cfg.batch_size)
+            best.offer(record["val_loss"], step + 1, model)
+            t_last = time.perf_counter()  # validation time is not training time
         curve.append(record)
         if on_step:
             on_step(record)
         bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
         bar.update(1)
         if work_dir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            _save_resume_state(work_dir, model, optimizer, step + 1, curve, tokens, seconds)
+            _save_resume_state(work_dir, model, optimizer, step + 1, curve, tokens, seconds, best)
             t_last = time.perf_counter()
     bar.close()
+    if best.step is not None and best.step != total:
+        best.restore(model)
     model.eval()
-    return StageTrainResult(total, tokens, seconds, curve)
+    return StageTrainResult(total, tokens, seconds, curve, best.step)

@@ -30,7 +30,9 @@ def golden_config(out: Path, model_dir: Path, data_dir: Path) -> dict:
         "seeds": [0, 1], "keep_checkpoints": False, "min_group_size": 2, "eval_max_tokens": 256,
         "tasks": {"bbq": {"train_limit": 16, "eval_limit": 36}, "arc_easy": {"train_limit": 16, "eval_limit": 12}},
         "training": {"lr": 1e-2, "batch_size": 4},
-        "curvature": {"after": ["first"], "examples": 4, "micro_batch": 4, "max_iter": 8},
+        "curvature": {"after": ["first"], "examples": 4, "micro_batch": 4, "max_iter": 8, "subsets": 1},
+        # what a04ca30 did, pinned where later releases changed a default: no held-out validation slice (issue 25)
+        "quality_gate": {"validation_size": 0},
         "chains": [
             {"name": "bbq_arc", "stages": [{"task": "bbq"}, {"task": "arc_easy"}]},
             {"name": "arc_bbq", "stages": [{"task": "arc_easy"}, {"task": "bbq"}]},

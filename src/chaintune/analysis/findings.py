@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from chaintune import metrics as M
+from chaintune.analysis.quality import failure_text
 from chaintune.analysis.records import OVERALL, RunData
 from chaintune.analysis.tables import order_pairs, summary_tables
 from chaintune.rundir import RunDir
@@ -39,11 +40,25 @@ def findings(runs: list[RunData], tables: dict[str, pd.DataFrame] | None = None)
     Intervals are 95% over seeds (t) unless noted."""
     tables = tables if tables is not None else summary_tables(runs)
     kinds = {task: kind for r in runs for task, kind in r.task_kinds.items()}
+    out: dict[str, list[str]] = {}
+    gates = tables.get("stage_gate")
+    if gates is not None and not gates.empty:
+        failed = gates[~gates.passed]
+        excluded = tables.get("excluded_runs", pd.DataFrame(columns=["run", "reason"]))
+        retried = int((gates.attempts > 1).sum())
+        out["Stage quality gate"] = [
+            f"{len(gates) - len(failed)} of {len(gates)} trained stages passed their quality gate (validation slice "
+            f"of {gates.n_validation.min()}–{gates.n_validation.max()} held-out train examples; accuracy ≥ majority "
+            f"baseline, gain ≥ threshold, no divergence){f'; {retried} needed more than one attempt' if retried else ''}."]
+        out["Stage quality gate"] += [f"Failed: {failure_text(r)}." for r in failed.to_dict("records")]
+        out["Stage quality gate"].append(
+            f"{len(excluded)} of {len(runs)} runs are excluded from every table and answer below"
+            + (": " + "; ".join(f"{r.run} ({r.reason})" for r in excluded.itertuples()) + "." if len(excluded) else "."))
+        runs = [r for r in runs if not r.failed_stages]
 
     def _kind(task: str) -> str:
         return kinds.get(task, "other")
 
-    out: dict[str, list[str]] = {}
     gains = tables.get("learning_gain")
     if gains is not None and not gains.empty:
         again = gains[gains.retrained]
@@ -115,6 +130,12 @@ def findings(runs: list[RunData], tables: dict[str, pd.DataFrame] | None = None)
             "Runs that share a first stage share its λ_max; the p-values treat every run as independent, so read "
             "them against the number of distinct first stages. Pooled rows mix tasks whose λ_max and forgetting "
             "differ by task; the per-task rows are free of that."]
+        unstable = sorted({f"{r.chain} stage {c['stage']} (seed {r.seed})" for r in runs
+                           for c in r.metrics.get("curvature", []) if c.get("unstable")})
+        if unstable:
+            out["Does first-stage curvature predict forgetting?"].append(
+                f"λ_max is unstable (its example subsets disagree beyond curvature.disagreement) for: "
+                f"{', '.join(unstable)} — raise curvature.examples before reading these points.")
     replay = tables.get("replay")
     if replay is not None and not replay.empty:
         out["How much does replay recover, at what cost?"] = [

@@ -7,11 +7,12 @@ is analysed with today's definitions.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
+from chaintune.analysis.quality import gate_row
 from chaintune.analysis.run_metrics import OVERALL, replay_metrics, replay_specs, run_metrics
 from chaintune.config import ExperimentConfig, Stage, TrainingConfig
 from chaintune.errors import ChaintuneError
@@ -82,6 +83,12 @@ class RunData:
     metrics: dict[str, Any]  # run_summary(): run_metrics + curvature + replay, as in runs/<run>/metrics.json
     stage_settings: list[tuple[str | None, dict[str, Any], Any]]  # (task, training w/o checkpoint_every, replay)
     task_kinds: dict[str, str]  # eval task → safety | capability | other
+    gates: list[dict[str, Any]] = field(default_factory=list)  # analysis.quality.gate_row of each gated stage
+
+    @property
+    def failed_stages(self) -> list[dict[str, Any]]:
+        """Gate rows of the run's stages that failed their quality gate: the run is no finding."""
+        return [g for g in self.gates if not g["passed"]]
 
     @property
     def chain(self) -> str:
@@ -172,7 +179,9 @@ def load_run(out: RunDir, run_id: str, points: dict[str, dict[str, Any]], legacy
     predictions = run_predictions(out, record, tasks)
     summary = run_summary(out, record, rows, predictions, int(cfg.get("data_seed", defaults["data_seed"].default)),
                           int(cfg.get("min_group_size", defaults["min_group_size"].default)), metrics)
-    return RunData(record, rows, predictions, summary, settings, kinds)
+    nodes = {n: out.node(n) for n in record.stages[1:]}
+    gates = [row for n, meta in nodes.items() if meta is not None and (row := gate_row(n, meta)) is not None]
+    return RunData(record, rows, predictions, summary, settings, kinds, gates)
 
 
 def load_runs(out: RunDir) -> list[RunData]:

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from chaintune import metrics as M
+from chaintune.analysis.quality import failure_text, gate_frame
 from chaintune.analysis.records import OVERALL, RunData, load_runs
 from chaintune.analysis.run_metrics import replay_metrics, replay_specs
 from chaintune.config import TrainingConfig
@@ -30,10 +31,21 @@ def _ci(df: pd.DataFrame, by: list[str], value: str, name: str | None = None) ->
 
 def summary_tables(runs: list[RunData] | str | Path) -> dict[str, pd.DataFrame]:
     """Tables over seeds: learning gain, forgetting, group forgetting, biased forgetting, order asymmetry,
-    curvature and its correlation with forgetting, replay, BBQ bias. `runs`: loaded runs, or a run directory."""
+    curvature and its correlation with forgetting, replay, BBQ bias. `runs`: loaded runs, or a run directory.
+
+    Runs with a stage that failed its quality gate are left out of every table over seeds; `stage_gate` lists every
+    gated stage and `excluded_runs` the runs left out and why."""
     if not isinstance(runs, list):
         runs = load_runs(RunDir(runs))
     tables: dict[str, pd.DataFrame] = {}
+    gates = gate_frame(g for r in runs for g in r.gates)
+    if not gates.empty:  # every gated stage, and the runs left out because one of their stages failed
+        tables["stage_gate"] = gates
+        excluded = [{"run": r.record.run_id, "chain": r.chain, "seed": r.seed,
+                     "reason": "; ".join(failure_text(g) for g in r.failed_stages)} for r in runs if r.failed_stages]
+        if excluded:
+            tables["excluded_runs"] = pd.DataFrame(excluded)
+        runs = [r for r in runs if not r.failed_stages]
     gains = _flat(runs, "learning_gain")
     if not gains.empty:
         table = _ci(gains, ["chain", "stage", "task"], "gain")

@@ -33,7 +33,7 @@ from chaintune.report.figures import (
     plot_forgetting, plot_group_forgetting, plot_lr_forgetting, plot_replay, plot_training_curves,
 )
 from chaintune.report.render import _Builder, _html, _markdown
-from chaintune.report.sections import _bbq, _curvature, _findings, _groups, _overview, _sweeps, _training
+from chaintune.report.sections import _bbq, _curvature, _findings, _gate, _groups, _overview, _sweeps, _training
 from chaintune.report.style import KIND_COLOURS, OKABE_ITO, PALETTE, RC
 
 __all__ = [
@@ -66,7 +66,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = 
         return (f" — {e.path.name}", f"{e.path.name}_") if len(exps) > 1 else ("", "")
 
     for e in exps:
-        for build in (_findings, _overview, _groups, _bbq, _curvature):
+        for build in (_findings, _gate, _overview, _groups, _bbq, _curvature):
             build(b, e, *tags(e))
     _sweeps(b, exps)
     for e in exps:

@@ -32,6 +32,23 @@ def _findings(b: _Builder, exp: _Experiment, tag: str, prefix: str) -> None:
         b.text(sec, f"<p><b>{html.escape(question)}</b></p><ul>{items}</ul>")
 
 
+def _gate(b: _Builder, exp: _Experiment, tag: str, prefix: str) -> None:
+    gates = exp.tables.get("stage_gate")
+    if gates is None or gates.empty:
+        return
+    sec = b.section(f"Stage quality gate{tag}")
+    failed = int((~gates.passed).sum())
+    b.text(sec, f"{len(gates) - failed} of {len(gates)} trained stages passed their quality gate: accuracy on a "
+                "held-out slice of their own train split at least the majority-class baseline, a gain of at least "
+                "the threshold, and no diverging loss. A run with a failed stage is left out of every table and "
+                "figure below.")
+    b.table(sec, f"{prefix}stage_gate", gates, "Every gated stage: validation accuracy before and after it (pp), "
+            "the task's majority-class and chance baselines on the same slice, attempts, verdict.")
+    excluded = exp.tables.get("excluded_runs")
+    if excluded is not None and not excluded.empty:
+        b.table(sec, f"{prefix}excluded_runs", excluded, "Runs excluded from the summaries, and why.")
+
+
 def _ci_note(tables: Mapping[str, pd.DataFrame], key: str) -> str:
     df = tables.get(key)
     seeds = int(df["seeds"].max()) if df is not None and "seeds" in df.columns and len(df) else 0

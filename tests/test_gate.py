@@ -1,0 +1,280 @@
+"""The stage quality gate (issue 25): the held-out validation slice, the baselines, the verdict and the three
+policies (flag / retry / stop); the cosine schedule and warmup_ratio; best-checkpoint selection by validation loss;
+curvature on disjoint example subsets. Hand-worked numbers are given in the comments."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import chaintune
+import chaintune.stage as stage_mod
+from chaintune.analysis import findings, load_runs, summary_tables
+from chaintune.cli import main
+from chaintune.config import TrainingConfig, validate_config
+from chaintune.curvature import disjoint_subsets, measure_curvature, subset_interval
+from chaintune.errors import ConfigError
+from chaintune.gate import (chance_baseline, diverged, failure_reasons, majority_baseline, split_validation,
+                            train_seed, validation_count)
+from chaintune.rundir import RunDir
+from chaintune.tasks import Example
+from chaintune.train import lr_at, train_stage
+
+
+def ex(i: int, gold: int, choices=("yes", "no", "maybe"), group: str | None = None) -> Example:
+    return Example(f"q{i}", f"question {i}?", tuple(f" {c}" for c in choices), gold, group)
+
+
+def quiet(cfg: dict) -> chaintune.Outcome:
+    return chaintune.run(cfg, echo=lambda *_: None, progress=False)
+
+
+# ------------------------------------------------------------------------------------------- pure functions
+def test_validation_slice_is_seeded_stratified_leak_free_and_capped():
+    pool = [ex(i, i % 3, group=f"g{i % 2}") for i in range(50)]
+    rest, val = split_validation(pool, 8, data_seed=0, task="t")
+    assert len(val) == 8 and len(rest) == 42 and not {e.id for e in val} & {e.id for e in rest}
+    assert sorted(e.group for e in val) == ["g0"] * 4 + ["g1"] * 4  # 25/25 in the pool → 4/4
+    assert [e.id for e in rest] == [e.id for e in pool if e not in val]  # the split's order is kept
+    assert split_validation(pool, 8, data_seed=0, task="t")[1] == val  # the same slice for every run seed
+    assert split_validation(pool, 8, data_seed=1, task="t")[1] != val
+    assert validation_count(50, 64) == 10 and validation_count(4, 64) == 0  # at most a fifth of the split
+    assert split_validation(pool, 0, 0, "t") == (pool, [])
+
+
+def test_majority_baseline_learns_the_rule_on_train_and_scores_validation():
+    # train: gold positions 0,0,1 → position 0 (2/3); answer texts 'yes','yes','no' → also 2/3: the position wins ties
+    train = [ex(0, 0), ex(1, 0), ex(2, 1)]
+    val = [ex(3, 0), ex(4, 2), ex(5, 0), ex(6, 1)]  # position 0 is right 2 of 4 times
+    assert majority_baseline(train, val) == (50.0, "position 0")
+    # answers shuffled across positions, 'no' is gold 3 of 4 times on train but at varying positions
+    shuffled = [ex(0, 1), ex(1, 0, ("no", "yes")), ex(2, 1, ("maybe", "no")), ex(3, 0)]
+    val2 = [ex(4, 1), ex(5, 0, ("no", "yes")), ex(6, 0)]  # 'no' is gold in the first two: 2 of 3
+    acc, rule = majority_baseline(shuffled, val2)
+    assert rule == "answer 'no'" and acc == pytest.approx(200 / 3)
+    assert chance_baseline([ex(0, 0), ex(1, 0, ("a", "b"))]) == pytest.approx(100 * (1 / 3 + 1 / 2) / 2)
+
+
+def test_divergence_and_failure_reasons():
+    assert diverged([2.0, 1.0, float("nan")], 1.5)
+    assert not diverged([2.0] * 10 + [2.9] * 10, 1.5)  # first two (tenth of 20) mean 2.0, last two 2.9 ≤ 3.0
+    assert diverged([2.0] * 10 + [3.1] * 10, 1.5)
+    assert failure_reasons(is_diverged=False, val_acc=50, val_acc_before=40, majority=50, min_gain=0) == []
+    reasons = failure_reasons(is_diverged=True, val_acc=30, val_acc_before=40, majority=50, min_gain=0)
+    assert len(reasons) == 3 and "diverged" in reasons[0] and "below the majority" in reasons[1]
+    assert "-10.0 pp" in reasons[2]
+    assert train_seed(7, 0) == 7 and len({train_seed(7, a) for a in range(5)}) == 5
+
+
+def test_cosine_schedule_and_warmup_ratio_by_hand():
+    cfg = TrainingConfig(lr=1.0, scheduler="cosine", warmup_ratio=0.2)  # 10 steps: 2 warmup, then 8 of cosine
+    lrs = [lr_at(s, 10, cfg) for s in range(10)]
+    assert lrs[:2] == [0.5, 1.0]
+    assert lrs[2] == 1.0 and lrs[6] == pytest.approx(0.5)  # progress 4/8 → ½(1 + cos(π/2)) = ½
+    assert lrs[9] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert lr_at(3, 10, TrainingConfig(lr=1.0, scheduler="linear", warmup_steps=2)) == pytest.approx(1 - 1 / 8)
+    with pytest.raises(ValueError, match="not both"):
+        TrainingConfig(warmup_steps=2, warmup_ratio=0.1)
+
+
+def test_select_best_without_a_validation_slice_is_a_config_error():
+    base = {"chains": [{"name": "c", "stages": [{"task": "toxigenqa", "select_best": True}]}]}
+    with pytest.raises(ConfigError, match="select_best needs validation"):
+        validate_config(base | {"quality_gate": {"validation_size": 0}})
+    validate_config(base)  # the default gate holds out a slice
+
+
+def test_curvature_subsets_are_disjoint_and_their_interval_is_a_t_interval():
+    examples = [ex(i, 0, group=f"g{i % 2}") for i in range(40)]
+    parts = disjoint_subsets(examples, 8, 3, seed=0)
+    ids = [e.id for p in parts for e in p]
+    assert [len(p) for p in parts] == [8, 8, 8] and len(set(ids)) == 24
+    assert all(sum(e.group == "g0" for e in p) == 4 for p in parts)  # round robin within groups
+    assert disjoint_subsets(examples, 8, 1, seed=0)[0] == disjoint_subsets(examples, 8, 1, seed=0)[0]
+    # values 1, 2, 3: mean 2, sd 1, t_{0.975, 2} = 4.3027 → 2 ± 4.3027/√3 = 2 ± 2.4841
+    low, high = subset_interval([1.0, 2.0, 3.0])
+    assert (low, high) == pytest.approx((2 - 2.48414, 2 + 2.48414), abs=1e-4)
+    assert subset_interval([5.0]) == (None, None)
+
+
+def test_measure_curvature_over_subsets_is_the_mean_of_each_subset():
+    from chaintune.models import tiny_llama
+
+    model, tokenizer = tiny_llama(seed=0)
+    examples = [ex(i, i % 3, group=f"g{i % 2}") for i in range(16)]
+    kwargs = dict(seed=0, max_iter=15, micro_batch=4)
+    both = measure_curvature(model, tokenizer, examples, n_examples=4, subsets=2, **kwargs)
+    parts = disjoint_subsets(examples, 4, 2, seed=0)
+    singles = [measure_curvature(model, tokenizer, p, n_examples=4, subsets=1, **kwargs).lambda_max for p in parts]
+    assert both.lambda_max_subsets == pytest.approx(singles, rel=1e-5)
+    assert both.lambda_max == pytest.approx(np.mean(singles), rel=1e-5) and both.n_examples == 8
+    assert both.disagreement == pytest.approx(max(map(abs, singles)) / min(map(abs, singles)), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------- best checkpoint
+def _sft(n: int, offset: int = 0) -> list[Example]:
+    return [ex(offset + i, i % 3, group=f"g{i % 2}") for i in range(n)]
+
+
+def test_select_best_keeps_the_lowest_validation_loss_and_survives_a_resume(tmp_path, monkeypatch):
+    import chaintune.train as train
+    from chaintune.models import tiny_llama
+
+    cfg = TrainingConfig(lr=3e-2, batch_size=2, select_best=True, eval_every=1, checkpoint_every=3, max_steps=8)
+    train_set, val = _sft(16), _sft(6, offset=100)
+    model, tok = tiny_llama(seed=0)
+    ref = train_stage(model, tok, train_set, cfg, seed=0, validation=val)
+    losses = [r["val_loss"] for r in ref.curve]
+    assert ref.best_step == 1 + int(np.argmin(losses)) and len(losses) == 8
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    kept = train.validation_loss(model, train.tokenize_sft(tok, val, cfg.max_length), pad, 2)
+    assert kept == pytest.approx(min(losses), rel=1e-5)  # the model holds the best step's weights
+    # the same stage, killed after its step-6 resume state (steps 7-8 lost), then rerun from it
+    model2, _ = tiny_llama(seed=0)
+    real = train._accumulate_gradients
+    calls = []
+
+    def crash_at_step_7(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_accumulate_gradients", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(model2, tok, train_set, cfg, seed=0, work_dir=tmp_path, validation=val)
+    monkeypatch.setattr(train, "_accumulate_gradients", real)
+    model3, _ = tiny_llama(seed=1)  # other weights: the resume state must restore everything
+    resumed = train_stage(model3, tok, train_set, cfg, seed=0, work_dir=tmp_path, validation=val)
+    assert resumed.best_step == ref.best_step
+    for (n, a), b in zip(model.named_parameters(), model3.parameters()):
+        assert torch_equal(a, b), n
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.allclose(a, b, atol=1e-6, rtol=0))
+
+
+# ---------------------------------------------------------------------------------------- in a real run
+@pytest.fixture
+def gated(mcq_experiment, tmp_path):
+    """The mcq chain (tiny model, user tasks) with the default gate, whose validation slice is 9 of 48 examples."""
+    def make(name: str = "out", **gate):
+        return mcq_experiment(tmp_path / name, quality_gate={"validation_size": 64, **gate})
+    return make
+
+
+def test_gate_records_baselines_and_never_trains_on_its_validation_slice(gated, monkeypatch, capsys):
+    seen = []
+    real = stage_mod.train_stage
+    monkeypatch.setattr(stage_mod, "train_stage", lambda m, t, examples, *a, **k: seen.append(
+        ({e.id for e in examples}, {e.id for e in k["validation"]})) or real(m, t, examples, *a, **k))
+    cfg = gated(min_gain=-100)  # nothing fails on the gain: only the majority baseline and divergence can
+    outcome = quiet(cfg)
+    assert not outcome.failed and len(seen) == 2
+    assert all(val and not (train & val) for train, val in seen)  # leak-free
+    out = RunDir(cfg["output_dir"])
+    for node in out.node_names():
+        record = out.node(node)
+        if record is None:
+            continue  # the base model
+        gate = record.gate
+        assert gate.n_validation == 9 and gate.policy == "flag" and len(gate.attempts) == 1
+        assert 0 <= gate.majority_baseline <= 100 and gate.chance_baseline == pytest.approx(100 / 3)
+        assert gate.failed == (gate.final.val_acc < gate.majority_baseline)
+    tables = summary_tables(cfg["output_dir"])
+    assert len(tables["stage_gate"]) == 2
+
+
+def test_flagged_stage_is_shown_by_plan_summarize_and_report_and_its_run_excluded(gated, tmp_path, capsys):
+    import yaml
+
+    cfg = gated(min_gain=100)  # no stage can gain 100 pp: every stage fails, flagged
+    outcome = quiet(cfg)
+    assert not outcome.failed and outcome.completed_runs == ["ab-seed0"]  # flag: the chain goes on
+    runs = load_runs(RunDir(cfg["output_dir"]))
+    tables = summary_tables(runs)
+    assert not tables["stage_gate"].passed.any() and list(tables["excluded_runs"].run) == ["ab-seed0"]
+    assert "forgetting" not in tables  # no finding from a stage that did not learn
+    answer = findings(runs, tables)["Stage quality gate"]
+    assert answer[0].startswith("0 of 2 trained stages passed") and "gained" in answer[1]
+    assert answer[-1].startswith("1 of 1 runs are excluded") and "ab-seed0" in answer[-1]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["plan", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "quality gate: 0/2 trained stages passed" in shown and shown.count("failed gate") == 2
+    assert main(["summarize", cfg["output_dir"]]) == 0
+    assert "Runs left out of every table" in capsys.readouterr().out
+    assert main(["report", cfg["output_dir"]]) == 0
+    html = (Path(cfg["output_dir"]) / "report" / "report.html").read_text()
+    assert "Stage quality gate" in html and "Runs excluded from the summaries" in html
+
+
+def test_retry_draws_new_seeds_until_attempts_run_out(gated, monkeypatch):
+    seeds = []
+    real = stage_mod.train_stage
+    monkeypatch.setattr(stage_mod, "train_stage", lambda m, t, e, c, seed, **k: seeds.append(seed) or
+                        real(m, t, e, c, seed, **k))
+    cfg = gated(min_gain=100, on_failed_stage="retry", max_attempts=3)
+    cfg["chains"] = [{"name": "a", "stages": [{"task": "mcq_a"}]}]
+    quiet(cfg)
+    assert seeds == [train_seed(0, a) for a in range(3)]
+    (record,) = [RunDir(cfg["output_dir"]).node(n) for n in RunDir(cfg["output_dir"]).node_names() if n.startswith("s1")]
+    assert [a.train_seed for a in record.gate.attempts] == seeds and record.gate.failed
+    assert all("gained" in a.reasons[-1] for a in record.gate.attempts)
+
+
+def test_retry_resumes_at_the_attempt_a_kill_interrupted(gated, monkeypatch):
+    seeds = []
+    real = stage_mod.train_stage
+
+    def second_attempt_dies(m, t, e, c, seed, **k):
+        seeds.append(seed)
+        if len(seeds) == 2:
+            raise RuntimeError("worker killed (simulated)")
+        return real(m, t, e, c, seed, **k)
+
+    monkeypatch.setattr(stage_mod, "train_stage", second_attempt_dies)
+    cfg = gated(min_gain=100, on_failed_stage="retry", max_attempts=3)
+    cfg["chains"] = [{"name": "a", "stages": [{"task": "mcq_a"}]}]
+    assert quiet(cfg).failed  # attempt 1 failed its gate, attempt 2 crashed: attempts.json holds attempt 1
+    (node,) = [n for n in RunDir(cfg["output_dir"]).node_names() if n.startswith("s1")]
+    assert len(json.loads(RunDir(cfg["output_dir"]).attempts_path(node).read_text())) == 1
+    monkeypatch.setattr(stage_mod, "train_stage", lambda m, t, e, c, seed, **k: seeds.append(seed) or
+                        real(m, t, e, c, seed, **k))
+    assert not quiet(cfg).failed
+    assert seeds == [train_seed(0, 0), train_seed(0, 1), train_seed(0, 1), train_seed(0, 2)]
+    record = RunDir(cfg["output_dir"]).node(node)
+    assert [a.attempt for a in record.gate.attempts] == [0, 1, 2]
+    assert not RunDir(cfg["output_dir"]).attempts_path(node).exists()
+
+
+def test_stop_policy_runs_no_later_stage_and_stays_stopped(gated):
+    cfg = gated(min_gain=100, on_failed_stage="stop")
+    for _ in range(2):  # a rerun does not sneak the later stage in
+        outcome = quiet(cfg)
+        (failure,) = outcome.failed.values()
+        assert failure["node"].startswith("s2-") and "failed its quality gate" in failure["error"]
+        assert outcome.incomplete_runs == ["ab-seed0"]
+    assert not [n for n in RunDir(cfg["output_dir"]).node_names() if n.startswith("s2")]
+
+
+def test_curvature_warns_when_subsets_disagree(gated, capsys):
+    cfg = gated(min_gain=-100)
+    cfg["curvature"] = {"after": ["first"], "examples": 4, "subsets": 2, "max_iter": 10, "disagreement": 1.0001}
+    lines = []
+    chaintune.run(cfg, echo=lines.append, progress=False)
+    out = RunDir(cfg["output_dir"])
+    (node,) = [n for n in out.node_names() if n.startswith("s1")]
+    record = out.curvature(node)
+    assert record["unstable"] and len(record["lambda_max_subsets"]) == 2
+    assert record["lambda_max"] == pytest.approx(np.mean(record["lambda_max_subsets"]))
+    assert any("warning: λ_max of" in str(line) for line in lines) or "warning: λ_max of" in capsys.readouterr().out
