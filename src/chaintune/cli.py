@@ -201,7 +201,8 @@ def summarize(out_dir: Path) -> int:
     tables = summary_tables(runs)
     titles = {"learning_gain": "Learning gain of each stage on its own task (pp; must be > 0)",
               "forgetting": "Forgetting F and relative forgetting RF (%) of earlier stages' tasks after the last stage",
-              "order_asymmetry": "Order asymmetry: RF(A→B) vs RF(B→A), Welch test over seeds",
+              "order_asymmetry": "Order asymmetry: RF(A→B) vs RF(B→A), seed × question interval, Welch and permutation "
+                                 "tests",
               "group_forgetting": "Per-group forgetting F_g and biased forgetting BF_g = F_g − F (pp)",
               "biased_forgetting": "Biased-forgetting summaries (groups with n < min_group_size excluded)",
               "bbq_bias": "BBQ bias scores (−100…100) per stage",

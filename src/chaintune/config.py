@@ -193,6 +193,9 @@ class ExperimentConfig(Strict):
     min_group_size: int = Field(30, ge=1)
     sweep: SweepConfig | None = None
     executor: ExecutorConfig = ExecutorConfig()
+    # correction of every family of per-group statements in the summaries: holm (family-wise error, Holm 1979) or
+    # bh (false discovery rate, Benjamini–Hochberg 1995)
+    multiple_comparisons: Literal["holm", "bh"] = "holm"
 
     @field_validator("seeds")
     @classmethod

@@ -82,6 +82,7 @@ class RunData:
     metrics: dict[str, Any]  # run_summary(): run_metrics + curvature + replay, as in runs/<run>/metrics.json
     stage_settings: list[tuple[str | None, dict[str, Any], Any]]  # (task, training w/o checkpoint_every, replay)
     task_kinds: dict[str, str]  # eval task → safety | capability | other
+    correction: str = "holm"  # multiple_comparisons of the run's config: holm | bh
 
     @property
     def chain(self) -> str:
@@ -172,7 +173,8 @@ def load_run(out: RunDir, run_id: str, points: dict[str, dict[str, Any]], legacy
     predictions = run_predictions(out, record, tasks)
     summary = run_summary(out, record, rows, predictions, int(cfg.get("data_seed", defaults["data_seed"].default)),
                           int(cfg.get("min_group_size", defaults["min_group_size"].default)), metrics)
-    return RunData(record, rows, predictions, summary, settings, kinds)
+    return RunData(record, rows, predictions, summary, settings, kinds,
+                   str(cfg.get("multiple_comparisons", defaults["multiple_comparisons"].default)))
 
 
 def load_runs(out: RunDir) -> list[RunData]:
