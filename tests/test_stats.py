@@ -195,10 +195,11 @@ TERMS = (st.VarianceTerm("seed", 4.0, 2, 0), st.VarianceTerm("question", 2.0, 0,
 
 def test_design_variance_hand():
     # 4 seeds, 2× the questions: seed 4·2/4 = 2, question 2/2 = 1, residual 1·2/(4·2) = 0.25 -> 3.25
-    # ν = 3.25² / (2²/3 + 1²/19 + 0.25²/57)
+    # as crossed_estimate would see it: the seeds' mean square 2 + 0.25 on 3 df, the questions' 1 + 0.25 on 19 df,
+    # minus the residual 0.25 on 3·19 = 57 df: ν = 3.25² / (2.25²/3 + 1.25²/19 + 0.25²/57) ≈ 5.96
     variance, df = st.design_variance(TERMS, 4, 2.0)
     assert variance == pytest.approx(3.25)
-    assert df == pytest.approx(3.25 ** 2 / (4 / 3 + 1 / 19 + 0.0625 / 57))
+    assert df == pytest.approx(3.25 ** 2 / (2.25 ** 2 / 3 + 1.25 ** 2 / 19 + 0.0625 / 57))
     assert st.design_variance(TERMS, 2, 1.0)[0] == pytest.approx(7.0)  # the pilot's own design
     with pytest.raises(ValueError, match=">= 2 seeds"):
         st.design_variance(TERMS, 1)

@@ -299,16 +299,23 @@ def order_difference(pairs: list[tuple[list[RunData], str, list[RunData], str]],
            "permutation_p_value": perm.p_value, "n_first": welch.n_s_then_c, "n_second": welch.n_c_then_s,
            "ci_method": iv.WELCH if welch.n_s_then_c > 1 and welch.n_c_then_s > 1 else iv.NO_INTERVAL,
            "note": welch.note}
+    blocks = order_blocks(pairs, q)
+    if isinstance(blocks, str):
+        out["ci_method"] += f" ({blocks})" if out["ci_method"] == iv.WELCH else ""
+        return out
+    res = st.crossed_estimate(blocks)
+    return out | {"ci_low": res.ci_low, "ci_high": res.ci_high, "p_value": res.p_value, "ci_method": iv.CROSSED}
+
+
+def order_blocks(pairs: list[tuple[list[RunData], str, list[RunData], str]],
+                 q: iv.Questions) -> list[st.Block] | str:
+    """The crossed blocks of `order_difference`'s RF difference (seed groups 'first' and 'second'), or why not."""
     sides = [iv.crossed([iv.forgetting_values(q, r, task, 1, 2, "RF") for runs, task in side for r in runs],
                         name, sign)
              for side, name, sign in (([(p[0], p[1]) for p in pairs], "first", 1.0),
                                       ([(p[2], p[3]) for p in pairs], "second", -1.0))]
     reasons = [s for s in sides if isinstance(s, str)]
-    if reasons:
-        out["ci_method"] += f" ({'; '.join(dict.fromkeys(reasons))})" if out["ci_method"] == iv.WELCH else ""
-        return out
-    res = st.crossed_estimate(sides[0] + sides[1])
-    return out | {"ci_low": res.ci_low, "ci_high": res.ci_high, "p_value": res.p_value, "ci_method": iv.CROSSED}
+    return "; ".join(dict.fromkeys(reasons)) if reasons else sides[0] + sides[1]
 
 
 def _order_asymmetry(runs: list[RunData], q: iv.Questions) -> pd.DataFrame:

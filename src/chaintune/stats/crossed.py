@@ -53,12 +53,15 @@ class Block:
 @dataclass(frozen=True)
 class VarianceTerm:
     """One estimated contribution to Var(θ̂) (units²): `kind` 'seed' (∝ 1 / n_seeds), 'question' (∝ 1 / n_questions)
-    or 'residual' (∝ 1 / (n_seeds · n_questions)), at the design it was estimated on."""
+    or 'residual' (∝ 1 / (n_seeds · n_questions)), at the design it was estimated on. `seed_group` /
+    `question_set`: whose seeds / questions it belongs to (None where the kind has none)."""
 
     kind: str
     variance: float
     n_seeds: int
     n_questions: int
+    seed_group: Hashable = None
+    question_set: Hashable = None
 
 
 @dataclass(frozen=True)
@@ -219,8 +222,8 @@ def crossed_estimate(blocks: Sequence[Block], confidence: float = 0.95, floor: b
             dfs.append(len(group_seeds[g]) - 1)
         # A_g = seed part + residual part; with floor=False and A_g < r_g the residual part is A_g
         share = 1.0 if floor or a >= resid_of_group[g] else a / resid_of_group[g]
-        terms.append(VarianceTerm("seed", float(max(a - resid_of_group[g], 0.0)), len(group_seeds[g]), 0))
-        terms += [VarianceTerm("residual", float(r * share), len(group_seeds[g]), len(set_questions[t]))
+        terms.append(VarianceTerm("seed", float(max(a - resid_of_group[g], 0.0)), len(group_seeds[g]), 0, g))
+        terms += [VarianceTerm("residual", float(r * share), len(group_seeds[g]), len(set_questions[t]), g, t)
                   for (_, t), r in own]
     for t, value in question.items():
         if value > 0:
@@ -228,7 +231,7 @@ def crossed_estimate(blocks: Sequence[Block], confidence: float = 0.95, floor: b
             dfs.append(len(set_questions[t]) - 1)
             parts += [-r for (g, tt), r in resid.items() if tt == t]
             dfs += [(len(group_seeds[g]) - 1) * (len(set_questions[t]) - 1) for (g, tt) in resid if tt == t]
-            terms.append(VarianceTerm("question", float(value), 0, len(set_questions[t])))
+            terms.append(VarianceTerm("question", float(value), 0, len(set_questions[t]), None, t))
     var_seed, var_question, var_residual = (float(sum(term.variance for term in terms if term.kind == kind))
                                             for kind in ("seed", "question", "residual"))
     variance = var_seed + var_question + var_residual

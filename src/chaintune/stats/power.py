@@ -20,30 +20,41 @@ from scipy import optimize, stats
 
 from chaintune.stats.crossed import VarianceTerm, satterthwaite_df
 
-__all__ = ["design_variance", "power", "minimal_detectable_effect", "questions_needed"]
+__all__ = ["design_variance", "power", "minimal_detectable_effect", "questions_needed", "seeds_needed"]
 
 
 def design_variance(terms: Sequence[VarianceTerm], n_seeds: int, question_factor: float = 1.0) -> tuple[float, float]:
-    """(Var θ̂ in units², Satterthwaite df) of the design with `n_seeds` seeds per seed group and
-    `question_factor` × each question set's questions."""
+    """(Var θ̂ in units², df) of the design with `n_seeds` seeds per seed group and `question_factor` × each
+    question set's questions.
+
+    The df mirror what `crossed_estimate` would compute on that design's data: per seed group a mean square
+    seed + Σ residual on n_seeds − 1 df, per question set with a question part (question + Σ residual) on k·Q − 1 df
+    minus its residuals on (n_seeds − 1)(k·Q − 1) df, combined by Satterthwaite and kept at least the smallest df
+    of the positive parts."""
     if n_seeds < 2:
         raise ValueError(f"need >= 2 seeds for a seed variance, got {n_seeds}")
-    parts, dfs = [], []
-    for term in terms:
-        k = question_factor
-        if term.kind == "seed":
-            parts.append(term.variance * term.n_seeds / n_seeds)
-            dfs.append(n_seeds - 1)
-        elif term.kind == "question":
-            parts.append(term.variance / k)
-            dfs.append(max(k * term.n_questions - 1, 1.0))
-        elif term.kind == "residual":
-            parts.append(term.variance * term.n_seeds / (n_seeds * k))
-            dfs.append((n_seeds - 1) * max(k * term.n_questions - 1, 1.0))
-        else:
-            raise ValueError(f"unknown variance term kind {term.kind!r}")
-    variance = float(sum(parts))
-    return variance, satterthwaite_df(parts, dfs) if variance > 0 else math.nan
+    k = question_factor
+    scaled = {"seed": lambda t: t.variance * t.n_seeds / n_seeds, "question": lambda t: t.variance / k,
+              "residual": lambda t: t.variance * t.n_seeds / (n_seeds * k)}
+    if any(t.kind not in scaled for t in terms):
+        raise ValueError(f"unknown variance term kind in {sorted({t.kind for t in terms})}")
+    new = [(t, scaled[t.kind](t)) for t in terms]
+    variance = float(sum(v for _, v in new))
+    seed_parts: dict = {}
+    for t, v in new:
+        if t.kind in ("seed", "residual"):
+            seed_parts[t.seed_group] = seed_parts.get(t.seed_group, 0.0) + v
+    parts, dfs = list(seed_parts.values()), [n_seeds - 1] * len(seed_parts)
+    for t, v in new:
+        if t.kind == "question":
+            own = [(r, rv) for r, rv in new if r.kind == "residual" and r.question_set == t.question_set]
+            df_q = max(k * t.n_questions - 1, 1.0)
+            parts += [v + sum(rv for _, rv in own)] + [-rv for _, rv in own]
+            dfs += [df_q] + [(n_seeds - 1) * df_q] * len(own)
+    if variance <= 0:
+        return variance, math.nan
+    floor = min(d for p, d in zip(parts, dfs) if p > 0)
+    return variance, max(satterthwaite_df(parts, dfs), floor)
 
 
 def power(effect: float, variance: float, df: float, alpha: float = 0.05) -> float:
@@ -81,3 +92,14 @@ def questions_needed(terms: Sequence[VarianceTerm], n_seeds: int, effect: float,
     if gap(low) >= 0:
         return low
     return float(optimize.brentq(gap, low, max_factor, xtol=1e-6))
+
+
+def seeds_needed(terms: Sequence[VarianceTerm], effect: float, question_factor: float = 1.0, alpha: float = 0.05,
+                 target: float = 0.8, max_seeds: int = 200) -> int | None:
+    """The fewest seeds per seed group (>= 2) with which `question_factor` × the questions detect `effect` with
+    probability `target`; None if `max_seeds` do not."""
+    for n in range(2, max_seeds + 1):
+        variance, df = design_variance(terms, n, question_factor)
+        if power(effect, variance, df, alpha) >= target:
+            return n
+    return None
