@@ -62,25 +62,31 @@ class Questions:
         return tuple(ids), [s.loc[ids].to_numpy() for s in series]
 
 
+def _difference(q: Questions, run: RunData, task: str, first: int,
+                second: int) -> tuple[tuple, np.ndarray, np.ndarray] | None:
+    """(question ids, correctness at `first`, d = 100 · (correct at `first` − at `second`) in pp) of `task`."""
+    got = q.stages(run, task, [first, second])
+    if got is None:
+        return None
+    ids, (a, b) = got
+    return ids, a, 100.0 * (a - b)
+
+
 def forgetting_values(q: Questions, run: RunData, task: str, trained: int, after: int,
                       statistic: str) -> st.RunValues | None:
     """The run's per-question values of F (pp) or RF (%) of `task` between stages `trained` and `after`."""
-    got = q.stages(run, task, [trained, after])
+    got = _difference(q, run, task, trained, after)
     if got is None:
         return None
-    ids, (before, later) = got
-    d = 100.0 * (before - later)
+    ids, before, d = got
     values = d if statistic == "F" else st.ratio_pseudo_values(d, 100.0 * before, 100.0)[1]
     return st.RunValues(run.seed, task, ids, values)
 
 
 def difference_values(q: Questions, run: RunData, task: str, first: int, second: int) -> st.RunValues | None:
     """100 · (correct at `first` − correct at `second`) per question (pp): a learning gain or a capability cost."""
-    got = q.stages(run, task, [first, second])
-    if got is None:
-        return None
-    ids, (a, b) = got
-    return st.RunValues(run.seed, task, ids, 100.0 * (a - b))
+    got = _difference(q, run, task, first, second)
+    return None if got is None else st.RunValues(run.seed, task, got[0], got[2])
 
 
 def _codes(q: Questions, run: RunData, task: str, stage: int, ids: tuple) -> tuple[np.ndarray, list]:
@@ -91,17 +97,20 @@ def _codes(q: Questions, run: RunData, task: str, stage: int, ids: tuple) -> tup
     return codes, list(uniques)
 
 
+def _grouped(q: Questions, run: RunData, task: str, trained: int,
+             after: int) -> tuple[tuple, np.ndarray, np.ndarray, list] | None:
+    """(question ids, forgetting d in pp, group codes, group labels) of `task` between the two stages."""
+    got = _difference(q, run, task, trained, after)
+    return None if got is None else (got[0], got[2], *_codes(q, run, task, trained, got[0]))
+
+
 def group_values(q: Questions, run: RunData, task: str, trained: int, after: int, group: Hashable,
                  statistic: str) -> st.RunValues | None:
     """The run's per-question values of F_g (its group's questions) or BF_g = F_g − F (all questions), pp."""
-    got = q.stages(run, task, [trained, after])
-    if got is None:
+    got = _grouped(q, run, task, trained, after)
+    if got is None or group not in got[3]:
         return None
-    ids, (before, later) = got
-    d = 100.0 * (before - later)
-    codes, labels = _codes(q, run, task, trained, ids)
-    if group not in labels:
-        return None
+    ids, d, codes, labels = got
     k = labels.index(group)
     if statistic == "F_g":
         return st.RunValues(run.seed, (task, group), tuple(np.asarray(ids, dtype=object)[codes == k]), d[codes == k])
@@ -111,15 +120,14 @@ def group_values(q: Questions, run: RunData, task: str, trained: int, after: int
 def summary_values(q: Questions, run: RunData, task: str, trained: int, after: int, included: Iterable,
                    kind: str) -> st.RunValues | None:
     """The run's per-question values of BF_max, BF_spread or BF_std over the `included` groups (pp)."""
-    got = q.stages(run, task, [trained, after])
+    got = _grouped(q, run, task, trained, after)
     if got is None:
         return None
-    ids, (before, later) = got
-    codes, labels = _codes(q, run, task, trained, ids)
+    ids, d, codes, labels = got
     mask = np.isin(np.asarray(labels, dtype=object), list(included))
     if not mask.any():
         return None
-    return st.RunValues(run.seed, task, ids, st.bf_summary_pseudo_values(100.0 * (before - later), codes, mask, kind)[1])
+    return st.RunValues(run.seed, task, ids, st.bf_summary_pseudo_values(d, codes, mask, kind)[1])
 
 
 def recovery_values(q: Questions, run: RunData, task: str, trained: int, stage: int,
@@ -160,8 +168,8 @@ def interval(values: Sequence[st.RunValues | None], floor: bool = True) -> st.Cr
     return blocks if isinstance(blocks, str) else st.crossed_estimate(blocks, floor=floor)
 
 
-def fill(table: pd.DataFrame, by: list[str], names: Sequence[str],
-         compute: Callable[[dict, str], st.CrossedInterval | str], p_values: bool = False) -> pd.DataFrame:
+def fill(table: pd.DataFrame, names: Sequence[str], compute: Callable[[dict, str], st.CrossedInterval | str],
+         p_values: bool = False) -> pd.DataFrame:
     """Each row with >= 2 seeds gets, for each statistic in `names`, the crossed interval `compute(row, name)` in
     `{name}_ci_low` / `{name}_ci_high` (and `{name}_p_value` with `p_values`); `ci_method` says how every row's
     interval was computed (rows where the crossed interval fails keep the t interval over seeds, with the reason)."""

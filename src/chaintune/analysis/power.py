@@ -32,7 +32,7 @@ from scipy.stats import chi2
 from chaintune import stats as st
 from chaintune.analysis import intervals as iv
 from chaintune.analysis.records import RunData, load_runs
-from chaintune.analysis.tables import order_blocks, order_pairs
+from chaintune.analysis.tables import order_blocks, order_pairs, replay_rows, runs_by_chain
 from chaintune.errors import ChaintuneError
 from chaintune.rundir import RunDir
 
@@ -96,10 +96,7 @@ def _pilot_seeds(runs: list[RunData]) -> int:
 
 def _forgetting(runs: list[RunData], q: iv.Questions, alpha: float) -> list[_Finding]:
     out = []
-    by_chain: dict[str, list[RunData]] = {}
-    for r in runs:
-        by_chain.setdefault(r.chain, []).append(r)
-    for chain, part in by_chain.items():
+    for chain, part in runs_by_chain(runs).items():
         for f in part[0].metrics.get("forgetting", []):
             res = iv.interval([iv.forgetting_values(q, r, f["task"], f["trained_stage"], f["after_stage"], "F")
                                for r in part])
@@ -136,10 +133,7 @@ def _orders(runs: list[RunData], q: iv.Questions, targets: Targets) -> list[_Fin
 
 def _spreads(runs: list[RunData], q: iv.Questions, targets: Targets) -> list[_Finding]:
     out = []
-    by_chain: dict[str, list[RunData]] = {}
-    for r in runs:
-        by_chain.setdefault(r.chain, []).append(r)
-    for chain, part in by_chain.items():
+    for chain, part in runs_by_chain(runs).items():
         for bf in part[0].metrics.get("biased_forgetting", []):
             groups = [g for g in part[0].metrics.get("group_forgetting", [])
                       if g["task"] == bf["task"] and g["trained_stage"] == bf["trained_stage"] and g["included"]]
@@ -160,8 +154,6 @@ def _spreads(runs: list[RunData], q: iv.Questions, targets: Targets) -> list[_Fi
 
 
 def _recoveries(runs: list[RunData], q: iv.Questions, targets: Targets) -> list[_Finding]:
-    from chaintune.analysis.tables import replay_rows
-
     rows = replay_rows(runs)
     if rows.empty:
         return []

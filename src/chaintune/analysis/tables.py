@@ -35,6 +35,14 @@ def _t_only(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(ci_method=[iv.T_OVER_SEEDS if n > 1 else iv.NO_INTERVAL for n in table["seeds"]])
 
 
+def runs_by_chain(runs: list[RunData]) -> dict[str, list[RunData]]:
+    """Chain → its runs, in order."""
+    chains: dict[str, list[RunData]] = {}
+    for r in runs:
+        chains.setdefault(r.chain, []).append(r)
+    return chains
+
+
 def correction_of(runs: list[RunData]) -> str:
     """The multiple-comparison correction the runs' config asks for (`multiple_comparisons`; Holm by default)."""
     return next((r.correction for r in runs), "holm")
@@ -51,14 +59,11 @@ def summary_tables(runs: list[RunData] | str | Path, correction: str | None = No
     if not isinstance(runs, list):
         runs = load_runs(RunDir(runs))
     correction = correction or correction_of(runs)
-    q = iv.Questions()
-    by_chain: dict[str, list[RunData]] = {}
-    for r in runs:
-        by_chain.setdefault(r.chain, []).append(r)
+    q, by_chain = iv.Questions(), runs_by_chain(runs)
     tables: dict[str, pd.DataFrame] = {}
     gains = _flat(runs, "learning_gain")
     if not gains.empty:
-        table = iv.fill(_ci(gains, ["chain", "stage", "task"], "gain"), ["chain", "stage", "task"], ["gain"],
+        table = iv.fill(_ci(gains, ["chain", "stage", "task"], "gain"), ["gain"],
                         lambda row, _: iv.interval([iv.difference_values(q, r, row["task"], row["stage"],
                                                                          row["stage"] - 1)
                                                     for r in by_chain[row["chain"]]]))
@@ -78,7 +83,7 @@ def summary_tables(runs: list[RunData] | str | Path, correction: str | None = No
         merged = parts[0]
         for p in parts[1:]:
             merged = merged.merge(p.drop(columns=["seeds"]), on=["chain", "task"])
-        tables["biased_forgetting"] = iv.fill(merged, ["chain", "task"], st.BF_SUMMARIES,
+        tables["biased_forgetting"] = iv.fill(merged, st.BF_SUMMARIES,
                                               lambda row, kind: _summary_interval(row, kind, groups, by_chain, q))
     curv = _flat(runs, "curvature")
     if not curv.empty:
@@ -106,7 +111,7 @@ def _forgetting_table(forg: pd.DataFrame, by_chain: dict[str, list[RunData]], q:
     keys = ["chain", "task", "trained_stage", "after_stage"]
     f = _ci(forg, keys, "F")
     rf = _ci(forg, keys, "RF").drop(columns=["seeds"])
-    table = iv.fill(f.merge(rf, on=keys), keys, ["F", "RF"], lambda row, name: iv.interval(
+    table = iv.fill(f.merge(rf, on=keys), ["F", "RF"], lambda row, name: iv.interval(
         [iv.forgetting_values(q, r, row["task"], row["trained_stage"], row["after_stage"], name)
          for r in by_chain[row["chain"]]]))
     single = table.seeds == 1
@@ -131,7 +136,7 @@ def _group_table(groups: pd.DataFrame, by_chain: dict[str, list[RunData]], q: iv
                                                      after_stage=("after_stage", "first"))
     table = g.merge(bfg, on=keys).merge(sizes, on=keys)
     table["F_g_p_value"] = table["BF_g_p_value"] = math.nan
-    table = iv.fill(table, keys, ["F_g", "BF_g"], lambda row, name: iv.interval(
+    table = iv.fill(table, ["F_g", "BF_g"], lambda row, name: iv.interval(
         [iv.group_values(q, r, row["task"], row["trained_stage"], row["after_stage"], row["group"], name)
          for r in by_chain[row["chain"]]]), p_values=True)
     single = table.seeds == 1
@@ -183,7 +188,7 @@ def replay_table(replay: pd.DataFrame, runs: list[RunData] | None = None) -> pd.
                                 for p in part.itertuples()])
 
         q = iv.Questions()
-        table = iv.fill(table, keys, ["recovery", "capability_cost"], compute)
+        table = iv.fill(table, ["recovery", "capability_cost"], compute)
     else:
         table = _t_only(table)
     table["smallest_f_recovering_90pct"] = [
@@ -206,7 +211,7 @@ def replay_group_table(groups: pd.DataFrame, runs: list[RunData], correction: st
                             for p in part.itertuples()])
 
     table = _ci(groups, keys, "recovery").assign(recovery_p_value=math.nan)
-    table = iv.fill(table, keys, ["recovery"], compute, p_values=True)
+    table = iv.fill(table, ["recovery"], compute, p_values=True)
     table = iv.adjust(table, keys[:-1], ["recovery"], correction)
     order = [c for c in table.columns if c != "ci_method"] + ["ci_method"]
     return table[order]
