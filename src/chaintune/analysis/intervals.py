@@ -31,6 +31,8 @@ class Questions:
 
     def __init__(self) -> None:
         self._cache: dict[int, dict[tuple[str, int], pd.DataFrame]] = {}
+        self._aligned: dict[tuple, tuple[tuple, list[np.ndarray]] | None] = {}
+        self._codes: dict[tuple, tuple[np.ndarray, list]] = {}
 
     def _frames(self, run: RunData) -> dict[tuple[str, int], pd.DataFrame]:
         key = id(run)
@@ -47,19 +49,30 @@ class Questions:
         frame = self._frames(run).get((task, int(stage)))
         return None if frame is None else frame["correct"].astype(float)
 
-    def groups(self, run: RunData, task: str, stage: int) -> pd.Series | None:
-        frame = self._frames(run).get((task, int(stage)))
-        return None if frame is None or "group" not in frame.columns else frame["group"]
+    def codes(self, run: RunData, task: str, stage: int, ids: tuple) -> tuple[np.ndarray, list]:
+        """(group index of each question in `ids`, −1 for none; the group labels, sorted) as scored at `stage`."""
+        key = (id(run), task, int(stage), ids)
+        if key not in self._codes:
+            frame = self._frames(run).get((task, int(stage)))
+            if frame is None or "group" not in frame.columns:
+                self._codes[key] = np.full(len(ids), -1), []
+            else:
+                codes, uniques = pd.factorize(frame["group"].reindex(list(ids)), sort=True)
+                self._codes[key] = codes, list(uniques)
+        return self._codes[key]
 
     def stages(self, run: RunData, task: str, stages: Sequence[int]) -> tuple[tuple, list[np.ndarray]] | None:
-        """(question ids, correctness of each stage in that order) of the questions every stage scored."""
-        series = [self.correct(run, task, s) for s in stages]
-        if any(s is None for s in series):
-            return None
-        ids = series[0].index
-        if any(set(s.index) != set(ids) for s in series[1:]) or ids.has_duplicates:
-            return None
-        return tuple(ids), [s.loc[ids].to_numpy() for s in series]
+        """(question ids, correctness of each stage in that order) of the questions every stage scored; None when
+        a stage has no predictions or the stages scored different questions."""
+        key = (id(run), task, tuple(int(s) for s in stages))
+        if key not in self._aligned:
+            series = [self.correct(run, task, s) for s in stages]
+            ids = None if any(s is None for s in series) else series[0].index
+            if ids is None or ids.has_duplicates or any(set(s.index) != set(ids) for s in series[1:]):
+                self._aligned[key] = None
+            else:
+                self._aligned[key] = tuple(ids), [s.reindex(ids).to_numpy() for s in series]
+        return self._aligned[key]
 
 
 def _difference(q: Questions, run: RunData, task: str, first: int,
@@ -89,19 +102,13 @@ def difference_values(q: Questions, run: RunData, task: str, first: int, second:
     return None if got is None else st.RunValues(run.seed, task, got[0], got[2])
 
 
-def _codes(q: Questions, run: RunData, task: str, stage: int, ids: tuple) -> tuple[np.ndarray, list]:
-    labels = q.groups(run, task, stage)
-    if labels is None:
-        return np.full(len(ids), -1), []
-    codes, uniques = pd.factorize(labels.loc[list(ids)], sort=True)
-    return codes, list(uniques)
 
 
 def _grouped(q: Questions, run: RunData, task: str, trained: int,
              after: int) -> tuple[tuple, np.ndarray, np.ndarray, list] | None:
     """(question ids, forgetting d in pp, group codes, group labels) of `task` between the two stages."""
     got = _difference(q, run, task, trained, after)
-    return None if got is None else (got[0], got[2], *_codes(q, run, task, trained, got[0]))
+    return None if got is None else (got[0], got[2], *q.codes(run, task, trained, got[0]))
 
 
 def group_values(q: Questions, run: RunData, task: str, trained: int, after: int, group: Hashable,
@@ -139,7 +146,7 @@ def recovery_values(q: Questions, run: RunData, task: str, trained: int, stage: 
         return None
     ids, (c1, c2, c3) = got
     if group is not None:
-        codes, labels = _codes(q, run, task, trained, ids)
+        codes, labels = q.codes(run, task, trained, ids)
         if group not in labels:
             return None
         keep = codes == labels.index(group)
