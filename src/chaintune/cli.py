@@ -1,4 +1,4 @@
-"""Command-line interface: `chaintune tasks | eval | curvature | plan | run | summarize | report | verify`."""
+"""Command-line interface: `chaintune tasks | eval | curvature | plan | run | summarize | report | power | verify`."""
 from __future__ import annotations
 
 import argparse
@@ -208,7 +208,8 @@ def summarize(out_dir: Path) -> int:
               "excluded_runs": "Runs left out of every table below: a stage failed its quality gate",
               "learning_gain": "Learning gain of each stage on its own task (pp; must be > 0)",
               "forgetting": "Forgetting F and relative forgetting RF (%) of earlier stages' tasks after the last stage",
-              "order_asymmetry": "Order asymmetry: RF(A→B) vs RF(B→A), Welch test over seeds",
+              "order_asymmetry": "Order asymmetry: RF(A→B) vs RF(B→A), seed × question interval, Welch and permutation "
+                                 "tests",
               "group_forgetting": "Per-group forgetting F_g and biased forgetting BF_g = F_g − F (pp)",
               "biased_forgetting": "Biased-forgetting summaries (groups with n < min_group_size excluded)",
               "bbq_bias": "BBQ bias scores (−100…100) per stage",
@@ -240,6 +241,42 @@ def cmd_report(args: argparse.Namespace) -> int:
     fmt = args.format or ("md" if out is not None and out.suffix == ".md" else "html")
     path = write_report(Path(args.run_dir), out, fmt=fmt)
     _console().print(f"report written to {path} (figures/ and tables/ beside it)")
+    return 0
+
+
+def cmd_power(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from chaintune.analysis.power import Targets, plan_power
+    from chaintune.formatting import format_number, format_seconds
+
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise ChaintuneError(f"--seeds '{args.seeds}' is not a comma-separated list of integers",
+                             "pass e.g. --seeds 3,5,10") from None
+    targets = Targets(args.order, args.spread, args.recovery, args.alpha, args.power, seeds)
+    plan = plan_power(args.run_dir, targets)
+    f = plan.findings
+    shown = f[["finding", "subject", "estimate", "seeds", "questions", "se"]].assign(**{
+        "seed / question / residual %": [f"{100 * a:.0f} / {100 * b:.0f} / {100 * c:.0f}" for a, b, c in
+                                         zip(f.seed_share, f.question_share, f.residual_share)],
+        "level": f.level, f"MDE at {100 * args.power:g}% power": f.mde, "target": f.target,
+        "power at target": f.power_at_target, "CPU time": [format_seconds(3600 * h) for h in f.cpu_hours]})
+    print_frame(shown, f"Minimal detectable effects of {args.run_dir}'s design (two-sided, seed × question variance)")
+    if not plan.designs.empty:
+        rows = []
+        for (finding, subject), part in plan.designs.groupby(["finding", "subject"], sort=False):
+            row = {"finding": finding, "subject": subject, "target": part.target.iloc[0]}
+            for d in part.itertuples():
+                row[f"{d.seeds} seeds"] = (f"×{d.question_factor:.2g} = {d.questions} q, "
+                                           f"{format_seconds(3600 * d.cpu_hours)}" if d.questions
+                                           else f"— (power {format_number(d.power)})")
+            rows.append(row)
+        print_frame(pd.DataFrame(rows), f"Test questions (× the pilot's, all test sets of the finding) and CPU time "
+                                        f"to detect each target with {100 * args.power:g}% power")
+    print_frame(plan.speeds, "Measured speeds of the pilot")
+    _console().print("\n".join(plan.notes))
     return 0
 
 
@@ -334,6 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report file or folder (default: RUN_DIR/report/report.html)")
     p.add_argument("--format", choices=["html", "md"], help="html (self-contained) or md (default: from --out, else html)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("power", help="variance components, minimal detectable effects and the seeds × test "
+                                     "questions (and CPU time) needed to detect target effects, from a pilot run")
+    p.add_argument("run_dir", help="the output_dir of a finished pilot run or sweep (>= 2 seeds per chain)")
+    p.add_argument("--order", type=float, default=5.0, help="order difference to detect (points of RF, default 5)")
+    p.add_argument("--spread", type=float, default=10.0, help="BF_spread to detect (pp, default 10)")
+    p.add_argument("--recovery", type=float, default=0.5, help="replay recovery to detect (fraction, default 0.5)")
+    p.add_argument("--alpha", type=float, default=0.05, help="two-sided test level (default 0.05)")
+    p.add_argument("--power", type=float, default=0.8, help="power to reach (default 0.8)")
+    p.add_argument("--seeds", default="3,5,8,10,15,20", help="numbers of seeds per chain to plan for")
+    p.set_defaults(func=cmd_power)
 
     p = sub.add_parser("verify", help="re-evaluate a run's stored checkpoints and confirm its stored accuracies "
                                       "(exit 0: all reproduced, 1: a mismatch or corrupt checkpoint, 3: some "

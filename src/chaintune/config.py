@@ -244,6 +244,9 @@ class ExperimentConfig(Strict):
     quality_gate: QualityGateConfig = QualityGateConfig()
     sweep: SweepConfig | None = None
     executor: ExecutorConfig = ExecutorConfig()
+    # correction of every family of per-group statements in the summaries: holm (family-wise error, Holm 1979) or
+    # bh (false discovery rate, Benjamini–Hochberg 1995)
+    multiple_comparisons: Literal["holm", "bh"] = "holm"
 
     @field_validator("seeds")
     @classmethod
