@@ -20,6 +20,17 @@ class ChaintuneError(Exception):
         super().__init__(f"{self.problem} — {self.fix}" if self.fix else self.problem)
 
 
+def validation_problems(exc: Exception) -> list[tuple[str, str]]:
+    """(location, message) of every error of a pydantic ValidationError: `training.lr`, `Input should be ...`;
+    an unknown key reads "unknown key", and pydantic's "Value error, " prefix is dropped."""
+    problems = []
+    for err in exc.errors():  # type: ignore[attr-defined]
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        problems.append((loc, msg))
+    return problems
+
+
 class DataError(ChaintuneError):
     """A data file or record is missing or malformed."""
 
