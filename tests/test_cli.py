@@ -9,7 +9,10 @@ from chaintune.cli import main
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse: usage errors (one line, exit 2) and --help
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -45,7 +48,7 @@ def test_eval_writes_json_and_predictions(capsys, tmp_path, tiny_model_dir, real
     (["eval", "--task", "nope", "--limit", "2"], ["unknown task 'nope'", "toxigenqa"]),
     (["eval", "--task", "toxigenqa", "--data-dir", "/does/not/exist"], ["data directory", "--data-dir"]),
     (["eval", "--task", "toxigenqa", "--limit", "2", "--model", "/no/such/model"], ["does not exist", "--model"]),
-    (["eval", "--task", "toxigenqa", "--limit", "0"], ["limit must be a positive number"]),
+    (["eval", "--task", "toxigenqa", "--limit", "0"], ["--limit: 0 is out of range", "≥ 1"]),
     (["eval", "--task", "arc_challenge", "--split", "train"], ["no 'train' split", "arc_easy"]),
     (["run", "/no/such/config.yaml"], ["config file", "does not exist"]),
     (["summarize", "/no/such/run"], ["does not exist"]),

@@ -181,8 +181,8 @@ class StageExecutor:
             if checkpoint_ok(out, node):
                 return
             self.echo(f"  checkpoint of {node.dirname} is missing or corrupt: retraining it")
-            out.node_path(node.dirname).unlink()
-            shutil.rmtree(folder / "eval", ignore_errors=True)
+            out.path_for_write(out.node_path(node.dirname)).unlink()
+            shutil.rmtree(out.path_for_write(folder / "eval"), ignore_errors=True)
         cache.materialize(node.parent)
         examples = node_examples(out, job.settings, node)
         if node.training.method == "lora":
@@ -220,7 +220,7 @@ class StageExecutor:
     def measure_curvature(self, job: Job) -> None:
         """λ_max (and top-k / trace if asked) of the stage's training loss w.r.t. its trainable parameters: all
         weights for full fine-tuning, the stage's LoRA adapter for LoRA."""
-        from chaintune.curvature import measure_curvature
+        from chaintune.curvature import measure_curvature, sign_note
 
         cc, node, cache = job.curvature, job.node, self.cache
         if cc is None or self.out.curvature_path(node.dirname).is_file():
@@ -243,7 +243,7 @@ class StageExecutor:
         self.out.write_record(self.out.curvature_path(node.dirname),
                               CurvatureRecord(stage=node.index, task=node.stage.task, **vars(result)))
         self.echo(f"  curvature {node.dirname}: λ_max {result.lambda_max:.4g} ({result.iterations} iterations"
-                  f"{'' if result.converged else ', not converged'}, {result.seconds:.0f}s)")
+                  f"{'' if result.converged else ', not converged'}, {result.seconds:.0f}s){sign_note(result.lambda_max)}")
 
 
 _PROCESS: dict[str, StageExecutor] = {}  # this process's executor: consecutive jobs reuse the loaded model

@@ -80,7 +80,8 @@ def findings(runs: list[RunData], tables: dict[str, pd.DataFrame] | None = None)
               if math.isfinite(pooled.ci_low) else "")
         verdict = ("safety is forgotten more when it comes first" if math.isfinite(pooled.ci_low) and pooled.ci_low > 0
                    else "the capability task is forgotten more when it comes first" if math.isfinite(pooled.ci_high)
-                   and pooled.ci_high < 0 else "no significant difference between the orders")
+                   and pooled.ci_high < 0 else "no significant difference between the orders"
+                   if math.isfinite(pooled.ci_low) else f"no test ({pooled.note})")
         out["Order: is safety forgotten more when it comes first?"] = [
             f"Pooled over {len(pairs)} task pairs: RF of the safety task in S→C {pooled.mean_s_then_c:.2f} % "
             f"(n = {pooled.n_s_then_c} runs) vs RF of the capability task in C→S {pooled.mean_c_then_s:.2f} % "

@@ -40,7 +40,7 @@ def _parse_json(text: str) -> Any:
 
 
 def _json_problem(exc: ValueError) -> str:
-    return exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+    return f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
 
 
 _READ_ERRORS = (OSError, EOFError, zlib.error)  # zlib.error: corrupt gzip data
