@@ -74,14 +74,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def _model_task_output(args: argparse.Namespace, default_output: str | None):
     """Check every argument of eval/curvature before loading data or weights: device, model, adapter, data dir,
     task (a user file is registered), output path. Returns (task, data dir, output path or None)."""
-    from chaintune.models import pick_device, resolve_model_path
+    from chaintune.models import adapter_folder, pick_device, resolve_model_path
     from chaintune.tasks import get_task, resolve_data_dir
 
     pick_device(args.device)
     resolve_model_path(args.model)
-    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise ChaintuneError(f"'{args.adapter}' is not a LoRA adapter folder (no adapter_config.json)",
-                             "pass the checkpoint/ folder of a LoRA stage with --adapter")
+    if args.adapter:
+        adapter_folder(args.adapter)
     data_dir = resolve_data_dir(args.data_dir)
     task = task_from_args(args)
     output = args.output or (default_output.format(task=task) if default_output else None)

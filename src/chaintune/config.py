@@ -250,6 +250,12 @@ class ExperimentConfig(Strict):
             if chain.seeds is not None and not set(chain.seeds) <= set(self.seeds):
                 raise ValueError(f"chain '{chain.name}': seeds {chain.seeds} are not all in the experiment's seeds "
                                  f"{self.seeds}")
+        if self.curvature is not None:  # a misspelt stage would silently measure nothing
+            known = {"first", "all"} | {x for c in self.chains for s in c.stages for x in (s.label, s.task)}
+            unknown = [a for a in self.curvature.after if a not in known]
+            if unknown:
+                raise ValueError(f"curvature.after names no stage: {unknown[0]!r} (use first, all, or a stage's name "
+                                 "or task)")
         return self
 
     def all_tasks(self) -> list[str]:

@@ -84,12 +84,11 @@ def read_json(path: str | Path) -> Any:
 
 def probe_writable(folder: str | Path, what: str, fix: str) -> None:
     """Create `folder` and check that a file can be written in it, before any work whose results go there."""
-    folder = Path(folder)
+    probe = Path(folder) / ".write-test"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink(missing_ok=True)  # another process may have probed at the same moment
     except OSError as exc:
         raise ChaintuneError(f"cannot write to {what} '{folder}' ({exc.strerror or exc})", fix) from None
 

@@ -214,15 +214,21 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
-def load_adapter(model, adapter: str | os.PathLike, trainable: bool = False):
-    """`model` with the LoRA adapter folder applied (merged unless `trainable`); a folder that is not an adapter
-    is a one-line error."""
-    from peft import PeftModel
-
-    folder = Path(adapter)
+def adapter_folder(adapter: str | os.PathLike) -> Path:
+    """`adapter` if it is a LoRA adapter folder (it holds adapter_config.json), else a one-line error."""
+    folder = Path(adapter).expanduser()
     if not (folder / "adapter_config.json").is_file():
         raise ChaintuneError(f"'{folder}' is not a LoRA adapter folder (no adapter_config.json)",
                              "pass the checkpoint/ folder of a LoRA stage with --adapter")
+    return folder
+
+
+def load_adapter(model, adapter: str | os.PathLike, trainable: bool = False):
+    """`model` with the LoRA adapter folder applied (merged unless `trainable`); a folder that is not an adapter,
+    or an adapter for another model, is a one-line error."""
+    from peft import PeftModel
+
+    folder = adapter_folder(adapter)
     try:
         model = PeftModel.from_pretrained(model, folder, is_trainable=trainable)
     except Exception as exc:  # noqa: BLE001 — a foreign or broken adapter
