@@ -72,8 +72,7 @@ RAW = st.one_of(st.integers(-10**15, 10**15).map(str), st.floats(allow_nan=True,
                 st.text(max_size=12), st.sampled_from(["", "-0", "1e999", "0x10", "1_0", " 3", "½", "NaN", "-inf"]))
 
 
-@SETTINGS
-@settings(max_examples=150)
+@settings(SETTINGS, max_examples=150)
 @given(data=st.data())
 @pytest.mark.timeout(120)
 def test_bad_typed_or_choice_values_are_one_line(capsys, data):
@@ -166,8 +165,7 @@ def test_every_text_option_has_a_strategy(world):
                 assert action.dest in known, f"`chaintune {name} {option}` has no bad-value strategy"
 
 
-@SETTINGS
-@settings(max_examples=120)
+@settings(SETTINGS, max_examples=120)
 @given(data=st.data())
 @pytest.mark.timeout(180)
 def test_bad_text_values_are_one_line(capsys, world, monkeypatch, data):
@@ -331,8 +329,7 @@ def test_every_config_field_has_a_strategy(fields):
                                  "chains.0.stages.1.replay.fraction", "tasks.mcq_a.eval_limit"} <= {p for p, _ in fields}
 
 
-@SETTINGS
-@settings(max_examples=250)
+@settings(SETTINGS, max_examples=250)
 @given(data=st.data())
 @pytest.mark.timeout(240)
 def test_bad_config_values_are_one_line_before_any_work(capsys, world, fields, monkeypatch, data):
@@ -341,7 +338,8 @@ def test_bad_config_values_are_one_line_before_any_work(capsys, world, fields, m
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path, strategy = data.draw(st.sampled_from(fields), label="field")
     value = data.draw(strategy, label="value")
-    override = f"{path}={json.dumps(value, allow_nan=True)}"
+    escaped = data.draw(st.booleans(), label="ASCII-escaped")  # escapes of astral characters read as lone surrogates
+    override = f"{path}={json.dumps(value, allow_nan=True, ensure_ascii=escaped)}"
     line = expect_one_line(capsys, ["run", str(world["config"]), "--set", override])
     assert not (world["root"] / "out" / "stages").exists(), line
     assert str(world["config"]) + ":" not in line or "--set" in line, line

@@ -76,25 +76,29 @@ def broken_model(tiny_model_dir: Path, where: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------- 1. your own data everywhere
-def test_user_tasks_with_relative_paths_work_in_fresh_processes_elsewhere(tmp_path, mcq_config, mcq_data_dir):
-    """Run from the project folder with `path: data/x.jsonl`; then summarize, report and verify from another
-    folder, each in a new process: the run directory alone tells them where the user data is."""
+def test_user_tasks_with_relative_paths_work_in_fresh_processes_elsewhere(tmp_path, mcq_config, mcq_data_dir,
+                                                                          monkeypatch, isolated):
+    """Run from the project folder with `path: data/x.jsonl`; then, in a new process, summarize, report and verify
+    from another folder, and plan from the project: the run directory alone tells them where the user data is."""
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     shutil.copytree(mcq_data_dir, project / "data")
     elsewhere.mkdir()
     cfg = experiment(mcq_config, mcq_data_dir, tmp_path / "out", chains=CHAINS[:1], executor={"retries": 0})
     cfg["custom_tasks"] = [t | {"path": f"data/{t['name']}.jsonl"} for t in cfg["custom_tasks"]]
     (project / "exp.yaml").write_text(yaml.safe_dump(cfg))
-    assert cli("run", "exp.yaml", "--no-progress", cwd=project).returncode == 0
+    monkeypatch.chdir(project)
+    assert main(["run", "exp.yaml", "--no-progress"]) == 0
     stored = yaml.safe_load((tmp_path / "out" / "experiment.yaml").read_text())["custom_tasks"]
     assert [t["path"] for t in stored] == [str(project / "data" / f"{t}.jsonl") for t in KINDS]
     out = str(tmp_path / "out")
-    for argv in (["summarize", out], ["report", out], ["verify", out, "--no-progress"]):
-        proc = cli(*argv, cwd=elsewhere)
-        assert proc.returncode == 0, (argv, proc.stderr[-1500:])
-    assert "all 6 stored evaluations reproduced" in proc.stdout
-    plan = cli("plan", "exp.yaml", cwd=project)
-    assert plan.returncode == 0 and "jobs pending: 0/" in plan.stdout
+    script = (f"import os, sys; from chaintune.cli import main; os.chdir({str(elsewhere)!r}); "
+              f"codes = [main(['summarize', {out!r}]), main(['report', {out!r}]), main(['verify', {out!r}, "
+              f"'--no-progress'])]; os.chdir({str(project)!r}); codes.append(main(['plan', 'exp.yaml'])); "
+              "print('codes', codes)")
+    proc = subprocess.run([sys.executable, "-c", script], env=os.environ | {"PYTHONPATH": str(SRC)},
+                          capture_output=True, text=True, timeout=300)
+    assert "codes [0, 0, 0, 0]" in proc.stdout, proc.stderr[-2000:]
+    assert "all 6 stored evaluations reproduced" in proc.stdout and "jobs pending: 0/" in proc.stdout
 
 
 def test_eval_scores_a_user_csv_with_the_column_mapping(tmp_path, tiny_model_dir, capsys):

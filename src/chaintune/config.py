@@ -283,20 +283,44 @@ class ExperimentConfig(Strict):
         return self.tasks.get(task, TaskSettings())
 
 
-def _blamed(exc: ValidationError, source: str, overrides: Sequence[str]) -> tuple[str, bool]:
-    """Every validation problem with what caused it — the `--set` override on whose key path it lies, else the
-    config file — and whether all of them came from overrides."""
-    keys = {text: text.split("=", 1)[0].split(".") for text in overrides}
+def _override_of(loc: str, overrides: Sequence[str]) -> str | None:
+    """The `--set` text whose key path contains the location `loc` (or lies inside it), if any."""
+    path = loc.split(".")
+    for text in overrides:
+        key = text.split("=", 1)[0].split(".")
+        if path[:len(key)] == key or key[:len(path)] == path:
+            return f"--set {text}"
+    return None
+
+
+def _blamed(problems: list[tuple[str, str]], source: str, overrides: Sequence[str]) -> tuple[str, bool]:
+    """Every (location, message) problem with what caused it — the `--set` override on whose key path it lies,
+    else the config file — and whether all of them came from overrides."""
     parts, all_set = [], True
-    for loc, msg in validation_problems(exc):
-        path = loc.split(".")
-        cause = next((f"--set {text}" for text, key in keys.items() if path[:len(key)] == key or key[:len(path)] == path),
-                     None)
+    for loc, msg in problems:
+        cause = _override_of(loc, overrides)
         all_set = all_set and cause is not None
         if cause is None and overrides and loc == "(top level)":
             cause = f"{source} with --set {' '.join(overrides)}"
         parts.append(f"{cause or source}: {msg}" if loc == "(top level)" else f"{cause or source}: {loc}: {msg}")
     return "; ".join(parts), all_set
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _invalid_text(value: Any, path: str = "", seen: set[int] | None = None) -> str | None:
+    """The dotted path of the first text holding a lone surrogate (not valid Unicode: no file name, no output), or
+    None. A container reached twice (YAML aliases) is looked at once."""
+    if isinstance(value, str):
+        return (path or "(top level)") if _SURROGATE.search(value) else None
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return None
+    seen.add(id(value))
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((found for key, child in children
+                 if (found := _invalid_text(child, f"{path}.{key}" if path else str(key), seen))), None)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -346,12 +370,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def validate_config(data: dict[str, Any], source: str = "config", overrides: Sequence[str] = ()) -> ExperimentConfig:
     """The validated config; a problem is one ConfigError line blaming the `--set` override or the file it came from."""
-    try:
-        return ExperimentConfig.model_validate(data)
-    except ValidationError as exc:
-        problem, from_overrides = _blamed(exc, source, overrides)
-        raise ConfigError(problem, "fix that --set value" if from_overrides
-                          else "fix the config (see configs/quickstart.yaml)") from None
+    invalid = _invalid_text(data)
+    if invalid is None:
+        try:
+            return ExperimentConfig.model_validate(data)
+        except ValidationError as exc:
+            problems = validation_problems(exc)
+    else:
+        problems = [(invalid, "text that is not valid Unicode (a lone surrogate)")]
+    problem, from_overrides = _blamed(problems, source, overrides)
+    raise ConfigError(problem, "fix that --set value" if from_overrides
+                      else "fix the config (see configs/quickstart.yaml)")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

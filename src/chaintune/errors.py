@@ -7,7 +7,9 @@ _LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")  # what 
 
 
 def one_line(text: str) -> str:
-    """`text` with every line break escaped (\\n, \\x1e, ...), so user data quoted in a message cannot split it."""
+    """`text` with every line break escaped (\\n, \\x1e, ...), so user data quoted in a message cannot split it, and
+    every lone surrogate (text that is not valid Unicode) escaped, so the message can always be printed."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return _LINE_BREAKS.sub(lambda m: repr(m.group())[1:-1], text)
 
 

@@ -6,7 +6,7 @@ import logging
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -20,6 +20,9 @@ from chaintune.tasks.splits import n_test, subsample
 log = logging.getLogger(__name__)
 
 
+Column = Annotated[str, Field(min_length=1)]  # a column name of the user's file
+
+
 class UserTaskSpec(BaseModel):
     """Where a user dataset lives and which columns hold what."""
 
@@ -29,12 +32,12 @@ class UserTaskSpec(BaseModel):
     path: Path
     kind: Literal["safety", "capability", "other"] = "other"
     prompt_template: str = "Question: {question}\nAnswer:"
-    question: str = "question"
-    choices: str | list[str] = "choices"
-    answer: str = "answer"
-    group: str | None = None
-    id: str | None = None
-    split: str | None = None  # column whose values are train/validation/test; else a seeded split:
+    question: Column = "question"
+    choices: Column | list[Column] = "choices"
+    answer: Column = "answer"
+    group: Column | None = None
+    id: Column | None = None
+    split: Column | None = None  # column whose values are train/validation/test; else a seeded split:
     test_fraction: float = Field(0.2, gt=0, lt=1)  # round(n × test_fraction) records, stratified by (group, answer)
 
     @field_validator("prompt_template")
