@@ -32,6 +32,7 @@ def test_tasks_lists_all_tasks_with_sizes_and_groups(capsys, real_data_dir):
     for fragment in ("toxigenqa", "bbq", "arc_easy", "arc_challenge", "cqa", "cqa2", "7169", "1791", "9244", "2712",
                      "1172", "1221", "9264", "2541", "2249", "women", "Religion", "Sexual_orientation"):
         assert fragment in out, fragment
+    assert "2249.00" not in out and ".00 " not in out  # split sizes are counts, not floats (issue 19)
 
 
 def test_eval_writes_json_and_predictions(capsys, tmp_path, tiny_model_dir, real_data_dir):

@@ -218,10 +218,6 @@ class RunDir(Folder):
     def summary_dir(self) -> Path:
         return self.root / "summary"
 
-    @property
-    def report_dir(self) -> Path:
-        return self.root / "report"
-
     # ------------------------------------------------------------------------------------------------ writers
     def write_record(self, path: Path, record: Record) -> None:
         self.write_json(path, record.model_dump() | {"schema_version": SCHEMA_VERSION})
