@@ -114,7 +114,8 @@ def findings(runs: list[RunData], tables: dict[str, pd.DataFrame] | None = None)
         lo, hi = pooled["ci_low"], pooled["ci_high"]
         verdict = ("safety is forgotten more when it comes first" if math.isfinite(lo) and lo > 0
                    else "the capability task is forgotten more when it comes first" if math.isfinite(hi) and hi < 0
-                   else "no significant difference between the orders")
+                   else "no significant difference between the orders" if math.isfinite(lo)
+                   else f"no test ({pooled.get('note') or 'too few seeds'})")
         out["Order: is safety forgotten more when it comes first?"] = [
             f"Pooled over {len(pairs)} task pairs: RF of the safety task in S→C {pooled['RF_first']:.2f} % "
             f"(n = {pooled['n_first']} runs) vs RF of the capability task in C→S {pooled['RF_second']:.2f} % "

@@ -57,9 +57,9 @@ def run_predictions(out: RunDir, run: RunRecord, eval_tasks: list[str]) -> pd.Da
 def run_curves(out: RunDir, run: RunRecord) -> pd.DataFrame | None:
     curves = []
     for index, node in enumerate(run.stages[1:], start=1):
-        path = out.train_curve_path(node)
-        if path.is_file():
-            curves.append(pd.read_csv(path).assign(stage=index, task=_stage_name(out, node)[1]))
+        curve = out.train_curve(node)
+        if curve is not None:
+            curves.append(curve.assign(stage=index, task=_stage_name(out, node)[1]))
     return pd.concat(curves, ignore_index=True) if curves else None
 
 
