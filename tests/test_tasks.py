@@ -20,10 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from chaintune.config import ExperimentConfig
 from chaintune.errors import ChaintuneError, ConfigError, DataError
+from chaintune.plan import eval_spec
 from chaintune.tasks import (Example, default_data_dir, get_task, load_splits, load_task, register_user_task,
                              task_names)
 from chaintune.tasks import base as tasks_base
+from chaintune.tasks.splits import equal_quotas, proportional_quotas
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -674,6 +677,35 @@ def test_limit_is_stratified_exact_and_deterministic(data_dir, name, split, limi
         c = load_task(name, split, data_dir, limit=limit, seed=1)
         _check_stratified(c, full, limit)
         assert [e.id for e in c] != [e.id for e in a]
+
+
+def test_equal_quotas_by_hand():
+    # ascending sizes: b takes all 3 (share 15 // 3 = 5), a takes 12 // 2 = 6, c the remaining 6
+    assert equal_quotas({"a": 10, "b": 3, "c": 20}, 15) == {"a": 6, "b": 3, "c": 6}
+    assert equal_quotas({"a": 10, "b": 10, "c": 10}, 16) == {"a": 5, "b": 5, "c": 6}
+    assert equal_quotas({"a": 1, "b": 50, "c": 50}, 21) == {"a": 1, "b": 10, "c": 10}
+    assert equal_quotas({"x": 7}, 7) == {"x": 7}
+    assert proportional_quotas({"a": 10, "b": 3, "c": 20}, 15) == {"a": 5, "b": 1, "c": 9}
+
+
+def test_equal_balance_gives_every_bbq_category_the_same_share(data_dir):
+    full = load_task("bbq", "test", data_dir)
+    sizes = collections.Counter(e.group for e in full)
+    got = load_task("bbq", "test", data_dir, limit=600, balance="equal")
+    counts = collections.Counter(e.group for e in got)
+    assert len(got) == 600 and counts == equal_quotas(dict(sizes), 600)
+    assert max(counts.values()) - min(counts.values()) <= 1 or min(counts.values()) == min(sizes.values())
+    proportional = collections.Counter(e.group for e in load_task("bbq", "test", data_dir, limit=600))
+    assert proportional != counts  # BBQ's categories differ in size, so the two allocations differ
+    assert [e.id for e in got] == [e.id for e in load_task("bbq", "test", data_dir, limit=600, balance="equal")]
+
+
+def test_eval_balance_enters_the_eval_spec_only_when_set():
+    base = {"name": "x", "chains": [{"name": "c", "stages": [{"task": "bbq"}]}]}
+    plain = ExperimentConfig.model_validate({**base, "tasks": {"bbq": {"eval_limit": 60}}})
+    equal = ExperimentConfig.model_validate({**base, "tasks": {"bbq": {"eval_limit": 60, "eval_balance": "equal"}}})
+    assert "eval_balance" not in eval_spec(plain, "bbq")  # older stored specs keep matching
+    assert eval_spec(equal, "bbq")["eval_balance"] == "equal"
 
 
 def test_limit_without_groups(data_dir):

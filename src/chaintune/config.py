@@ -98,6 +98,9 @@ class TaskSettings(Strict):
 
     train_limit: int | None = Field(None, ge=1, le=10**9)
     eval_limit: int | None = Field(None, ge=1, le=10**9)
+    # how eval_limit is shared among the task's groups: in proportion to their sizes, or equally (a group smaller
+    # than its share gives all its questions and the others share the rest), for equal power per group
+    eval_balance: Literal["proportional", "equal"] = "proportional"
 
 
 class ReplayConfig(Strict):

@@ -22,7 +22,7 @@ from chaintune.provenance import data_file_hashes, environment
 from chaintune.io import probe_writable
 from chaintune.rundir import RunDir, RunRecord, check_outside_data
 from chaintune.stage import execute, job_done, stage_examples
-from chaintune.tasks import canonical_task_name, get_task, load_task, register_user_tasks, resolve_data_dir
+from chaintune.tasks import canonical_task_name, get_task, load_eval_set, register_user_tasks, resolve_data_dir
 from chaintune.weights import checkpoint_ok
 
 
@@ -59,9 +59,7 @@ def preflight(point: Point) -> None:
     for stage in {s.model_dump_json(): s for c in cfg.chains for s in c.stages}.values():
         stage_examples(settings, stage, cfg.seeds[0], group_forgetting={})  # data only: any weights
     for task in cfg.evaluation_tasks():
-        spec = eval_spec(cfg, task)
-        load_task(task, "test", resolve_data_dir(cfg.data_dir), limit=spec["eval_limit"], seed=spec["data_seed"],
-                  split_seed=spec["split_seed"])
+        load_eval_set(eval_spec(cfg, task), cfg.data_dir)
 
 
 def prepare_output(points: list[Point]) -> RunDir:

@@ -74,9 +74,13 @@ class Run:
 
 
 def eval_spec(cfg: ExperimentConfig, task: str) -> dict[str, Any]:
-    """What determines a task's evaluation questions; stored with each result and checked before reusing it."""
-    return {"task": task, "eval_limit": cfg.task_settings(task).eval_limit, "data_seed": cfg.data_seed,
-            "split_seed": cfg.split_seed}
+    """What determines a task's evaluation questions; stored with each result and checked before reusing it
+    (`eval_balance` only when not the default, so older results keep matching)."""
+    settings = cfg.task_settings(task)
+    spec = {"task": task, "eval_limit": settings.eval_limit, "data_seed": cfg.data_seed, "split_seed": cfg.split_seed}
+    if settings.eval_balance != "proportional":
+        spec["eval_balance"] = settings.eval_balance
+    return spec
 
 
 def run_identity(cfg: ExperimentConfig, run: Run) -> str:

@@ -23,7 +23,8 @@ from chaintune.provenance import eval_environment
 from chaintune.gate import (chance_baseline, diverged, failure_reasons, loss_ends, majority_baseline,
                             split_validation, train_seed)
 from chaintune.rundir import CurvatureRecord, EvalRecord, GateAttempt, GateRecord, NodeRecord, RunDir
-from chaintune.tasks import Example, canonical_task_name, get_task, load_task, register_user_tasks, resolve_data_dir
+from chaintune.tasks import (Example, canonical_task_name, get_task, load_eval_set, load_task, register_user_tasks,
+                             resolve_data_dir)
 from chaintune.tasks.splits import stable_seed, subsample
 from chaintune.train import DivergedError, StageTrainResult, attach_lora, train_stage
 from chaintune.weights import WeightCache, checkpoint_ok
@@ -151,9 +152,7 @@ class StageExecutor:
     def eval_set(self, settings: Settings, spec: dict[str, Any]) -> list[Example]:
         key = (settings.data_dir, *spec.values())
         if key not in self._eval_sets:
-            self._eval_sets[key] = load_task(spec["task"], "test", resolve_data_dir(settings.data_dir),
-                                             limit=spec["eval_limit"], seed=spec["data_seed"],
-                                             split_seed=spec["split_seed"])
+            self._eval_sets[key] = load_eval_set(spec, settings.data_dir)
         return self._eval_sets[key]
 
     def run(self, job: Job) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from chaintune.plan import JobId, Plan, Point, make_plan, run_identity
 from chaintune.rundir import RunDir
 from chaintune.stage import job_done, stage_examples
 from chaintune.engine import register_tasks
-from chaintune.tasks import load_task, resolve_data_dir
+from chaintune.tasks import load_eval_set
 
 
 def plan_status(points: list[Point], tokens_per_second: float | None = None) -> dict[str, Any]:
@@ -80,7 +80,5 @@ def estimate_seconds(plan: Plan, out: RunDir, pending: set[JobId], tokens_per_se
             total += examples * (sum(per_ex) / len(per_ex) if per_ex else mean_tok) / rate
         for spec in job.evals:
             if not out.eval_path(job.node.dirname, spec["task"]).is_file():
-                total += len(load_task(spec["task"], "test", resolve_data_dir(job.settings.data_dir),
-                                       limit=spec["eval_limit"], seed=spec["data_seed"],
-                                       split_seed=spec["split_seed"])) * seconds_per_question
+                total += len(load_eval_set(spec, job.settings.data_dir)) * seconds_per_question
     return total

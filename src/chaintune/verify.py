@@ -19,7 +19,7 @@ from chaintune.evaluate import evaluate
 from chaintune.plan import Node, build_tree, eval_spec
 from chaintune.provenance import data_file_hashes, eval_environment
 from chaintune.rundir import EvalRecord, RunDir
-from chaintune.tasks import canonical_task_name, load_task, register_user_tasks, resolve_data_dir
+from chaintune.tasks import canonical_task_name, load_eval_set, register_user_tasks, resolve_data_dir
 from chaintune.weights import WeightCache, checkpoint_problem
 
 EXIT_OK, EXIT_MISMATCH, EXIT_UNVERIFIABLE = 0, 1, 3
@@ -46,8 +46,7 @@ def verify_evaluation(cache: WeightCache, cfg: ExperimentConfig, node: Node, sto
     """Re-evaluate one stored evaluation of `node` (its weights must be loadable); one row of the verify table."""
     task = stored.task
     spec = stored.spec or eval_spec(cfg, task)
-    examples = load_task(task, "test", resolve_data_dir(cfg.data_dir), limit=spec["eval_limit"],
-                         seed=spec["data_seed"], split_seed=spec["split_seed"])
+    examples = load_eval_set(spec, cfg.data_dir)
     model = cache.materialize(node)
     result = evaluate(model, cache.tokenizer, examples, task, progress=progress, max_tokens=cfg.eval_max_tokens)
     exact = _recorded_environment(stored, run_env) == eval_environment(model)

@@ -131,13 +131,13 @@ def findings(runs: list[RunData], tables: dict[str, pd.DataFrame] | None = None)
             if part.empty:
                 continue
             top = ", ".join(f"{r.group} {_ci_text(r._asdict(), 'F_g', '.1f')}" for r in part.head(3).itertuples())
-            sig = [r.group for r in part.itertuples() if r.BF_g_significant]
+            sig = [f"{r.group} (BF_g {r.BF_g:+.1f} pp)" for r in part.itertuples() if r.BF_g_significant]
             row = bf[(bf.chain == chain) & (bf.task == task)].iloc[0] if bf is not None and len(bf) else None
             spread = f"BF_spread {_ci_text(row, 'BF_spread')} pp, " if row is not None else ""
             tested = int(part.BF_g_adj_p.notna().sum())
             lines.append(f"{chain} ({task}, {len(part)} groups): {spread}most forgotten: {top} pp; groups whose BF_g "
                          f"interval excludes 0 at the {part.correction.iloc[0]}-corrected level ({tested} tests, "
-                         f"adjusted p < {SIGNIFICANCE:g}): {', '.join(sig) if sig else 'none'}.")
+                         f"adjusted p < {SIGNIFICANCE:g}): {', '.join(sig) if sig else 'no group'}.")
         if lines:
             out["Is forgetting biased across groups?"] = lines
     corr = tables.get("curvature_vs_forgetting")

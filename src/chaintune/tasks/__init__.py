@@ -62,8 +62,9 @@ def load_splits(name: str, data_dir: str | os.PathLike | None = None, seed: int 
 
 
 def load_task(name: str, split: str = "test", data_dir: str | os.PathLike | None = None, limit: int | None = None,
-              seed: int = 0, split_seed: int = 0) -> list[Example]:
-    """Examples of one split; `limit` subsamples deterministically (seeded by `seed`, stratified by group)."""
+              seed: int = 0, split_seed: int = 0, balance: str = "proportional") -> list[Example]:
+    """Examples of one split; `limit` subsamples deterministically (seeded by `seed`, stratified by group: in
+    proportion to the groups' sizes, or equally with `balance="equal"`)."""
     if split not in SPLITS:
         raise ChaintuneError(f"unknown split '{split}'", f"use one of {', '.join(SPLITS)}")
     splits = load_splits(name, data_dir, split_seed)
@@ -79,4 +80,12 @@ def load_task(name: str, split: str = "test", data_dir: str | os.PathLike | None
         raise DataError(f"task '{name}': the '{split}' split is empty", "check the data files")
     if limit is not None and limit < 1:
         raise ChaintuneError(f"limit must be a positive number, got {limit}", "pass --limit 1 or more")
-    return subsample(examples, limit, seed, group=lambda e: e.group, salt=f"{get_task(name).name}/{split}")
+    return subsample(examples, limit, seed, group=lambda e: e.group, salt=f"{get_task(name).name}/{split}",
+                     balance=balance)
+
+
+def load_eval_set(spec: dict, data_dir: str | os.PathLike | None) -> list[Example]:
+    """The test questions an evaluation spec (`plan.eval_spec`) names."""
+    return load_task(spec["task"], "test", resolve_data_dir(data_dir), limit=spec["eval_limit"],
+                     seed=spec["data_seed"], split_seed=spec["split_seed"],
+                     balance=spec.get("eval_balance", "proportional"))

@@ -64,9 +64,37 @@ def grouped_split(items: Sequence[T], unit: Callable[[T], Hashable], stratum: Ca
     return train, test
 
 
+def proportional_quotas(sizes: dict[Hashable, int], limit: int) -> dict[Hashable, int]:
+    """`limit` shared in proportion to the group `sizes` (largest-remainder rounding; ties by key text)."""
+    total = sum(sizes.values())
+    exact = {k: limit * n / total for k, n in sizes.items()}
+    quota = {k: int(v) for k, v in exact.items()}
+    leftover = limit - sum(quota.values())
+    for k in sorted(sizes, key=lambda k: (-(exact[k] - quota[k]), str(k)))[:leftover]:
+        quota[k] += 1
+    return quota
+
+
+def equal_quotas(sizes: dict[Hashable, int], limit: int) -> dict[Hashable, int]:
+    """`limit` shared equally: groups from the smallest up take min(size, what is left / groups left), so a group
+    smaller than its share gives all of it and the larger ones share the rest (`limit` <= the total size)."""
+    quota: dict[Hashable, int] = {}
+    left = limit
+    order = sorted(sizes, key=lambda k: (sizes[k], str(k)))
+    for i, k in enumerate(order):
+        quota[k] = min(sizes[k], left // (len(order) - i))
+        left -= quota[k]
+    for k in sorted(order, key=str):  # integer division leaves at most one per group
+        if left and quota[k] < sizes[k]:
+            quota[k] += 1
+            left -= 1
+    return quota
+
+
 def subsample(items: Sequence[T], limit: int | None, seed: int, group: Callable[[T], Hashable] | None = None,
-              salt: str = "limit") -> list[T]:
-    """At most `limit` items, drawn seeded and stratified by `group` (largest-remainder allocation); order kept."""
+              salt: str = "limit", balance: str = "proportional") -> list[T]:
+    """At most `limit` items, drawn seeded and stratified by `group`, in proportion to the groups' sizes
+    (`proportional_quotas`) or equally (`equal_quotas`); order kept."""
     if limit is None or limit >= len(items):
         return list(items)
     if limit <= 0:
@@ -75,11 +103,8 @@ def subsample(items: Sequence[T], limit: int | None, seed: int, group: Callable[
     for i, item in enumerate(items):
         by_group[group(item) if group else None].append(i)
     keys = sorted(by_group, key=str)
-    exact = {k: limit * len(by_group[k]) / len(items) for k in keys}
-    quota = {k: int(exact[k]) for k in keys}
-    leftover = limit - sum(quota.values())
-    for k in sorted(keys, key=lambda k: (-(exact[k] - quota[k]), str(k)))[:leftover]:
-        quota[k] += 1
+    sizes = {k: len(by_group[k]) for k in keys}
+    quota = equal_quotas(sizes, limit) if balance == "equal" else proportional_quotas(sizes, limit)
     chosen: list[int] = []
     for k in keys:
         rng = random.Random(stable_seed(salt, seed, k))
