@@ -136,7 +136,7 @@ def string_strategies(w: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
     """Bad values of every option or positional that takes free text, by its dest."""
     root, columns = w["root"], st.text(max_size=15).filter(lambda t: t not in COLUMNS)
     names = st.text(max_size=20).filter(lambda t: t not in set(task_names()) | builtin_task_names()
-                                        and not t.endswith((".jsonl", ".csv")))
+                                        and not t.endswith((".jsonl", ".csv")) and not t.startswith("lmeval:"))
     return {
         "model": missing_paths(root) | st.from_regex(r"[a-z]{1,8}/[a-z]{1,8}", fullmatch=True)
         | st.just(str(root / "folder")),
@@ -153,6 +153,7 @@ def string_strategies(w: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
         "set": st.text(max_size=30).filter(lambda t: t.partition("=")[0].split(".")[0]
                                            not in ExperimentConfig.model_fields),
         "out": st.sampled_from([str(root / "r.html"), str(root / "r.md"), str(root / "file")]),
+        "include": missing_paths(root) | st.just(str(root / "file")),
     }
 
 

@@ -51,6 +51,18 @@ def print_frame(df, title: str, std: bool = False) -> None:
 def cmd_tasks(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    if args.include is not None and not (args.lm_eval and Path(args.include).is_dir()):
+        raise ChaintuneError(f"--include '{args.include}' is not a folder, or --lm-eval is missing",
+                             "pass --lm-eval --include FOLDER (a folder of lm-eval task YAMLs)")
+    if args.lm_eval:
+        from chaintune.tasks.lmeval import multiple_choice_tasks
+
+        rows = multiple_choice_tasks(args.include)
+        for row in rows:  # thousands: plain lines, not a table
+            print(f"{row['task']}\t{row['data']}\t{row['config']}")
+        print(f"{len(rows)} lm-eval multiple-choice tasks (name, data, config); use one as a task name, or in "
+              "custom_tasks with lm_eval: (docs/tasks.md)", file=sys.stderr)
+        return 0
     from chaintune.tasks import get_task, load_splits, resolve_data_dir, task_names
 
     data_dir = resolve_data_dir(args.data_dir)
@@ -340,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     seed = like_field("config:ExperimentConfig.data_seed")
     p = sub.add_parser("tasks", help="list tasks with split sizes and groups")
     data_dir_arg(p)
+    p.add_argument("--lm-eval", action="store_true", help="list lm-evaluation-harness multiple-choice tasks instead "
+                                                          "(usable as lmeval:<task>; 'local files' = readable offline)")
+    p.add_argument("--include", metavar="FOLDER", help="with --lm-eval: also the task YAMLs in FOLDER")
     p.set_defaults(func=cmd_tasks)
 
     def model_args(p: argparse.ArgumentParser) -> None:
