@@ -17,7 +17,7 @@ from lm_eval_parity import TOLERANCE, make_hflm  # noqa: E402
 
 from chaintune.cli import main  # noqa: E402
 from chaintune.errors import ChaintuneError  # noqa: E402
-from chaintune.tasks import load_splits, load_task, register_user_task  # noqa: E402
+from chaintune.tasks import load_splits, load_task, parse_user_task, register_user_task  # noqa: E402
 
 TOPICS = ("plants", "rocks", "stars")
 
@@ -66,10 +66,10 @@ def test_same_log_likelihoods_as_lm_eval(tiny_task, task_dir):
     the bridged examples: every per-choice log-likelihood agrees to 1e-3 nats."""
     from chaintune.evaluate import score_examples
     from chaintune.models import tiny_llama
-    from chaintune.tasks.lmeval import load_lm_eval_task, parse_lm_eval_task
+    from chaintune.tasks.lmeval import load_lm_eval_task
 
     model, tokenizer = tiny_llama()
-    task = load_lm_eval_task(parse_lm_eval_task({"name": "ct_tiny", "lm_eval": str(task_dir / "ct_tiny.yaml")}))
+    task = load_lm_eval_task(parse_user_task({"name": "ct_tiny", "lm_eval": str(task_dir / "ct_tiny.yaml")}))
     task.build_all_requests(rank=0, world_size=1)
     lm = make_hflm(model, tokenizer, batch_size=4)
     results = lm.loglikelihood(task.instances, disable_tqdm=True)
@@ -91,7 +91,7 @@ def test_lm_evals_own_arc_easy_config_on_local_files(tmp_path, real_data_dir):
 
     from chaintune.evaluate import score_examples
     from chaintune.models import tiny_llama
-    from chaintune.tasks.lmeval import load_lm_eval_task, parse_lm_eval_task
+    from chaintune.tasks.lmeval import load_lm_eval_task
 
     config = tmp_path / "arc_easy_local.yaml"
     config.write_text(yaml.safe_dump({
@@ -102,7 +102,7 @@ def test_lm_evals_own_arc_easy_config_on_local_files(tmp_path, real_data_dir):
     register_user_task(spec)
     examples = load_splits("arc_easy_local")["test"]
     assert len(examples) == 2376 and examples[0].prompt.startswith("Question: ")
-    task = load_lm_eval_task(parse_lm_eval_task(spec))
+    task = load_lm_eval_task(parse_user_task(spec))
     task.build_all_requests(limit=24, rank=0, world_size=1)
     model, tokenizer = tiny_llama()
     theirs: dict[int, dict[int, float]] = {}
@@ -120,7 +120,7 @@ def test_unusable_tasks_are_one_line_errors(task_dir, tmp_path):
     register_user_task({"name": "ct_badgroup", "lm_eval": str(task_dir / "ct_tiny.yaml"), "group": "colour"})
     with pytest.raises(ChaintuneError, match="no scalar field 'colour' for the group"):
         load_task("ct_badgroup")
-    with pytest.raises(ChaintuneError, match="lm-eval task 'x': lm_eval"):
+    with pytest.raises(ChaintuneError, match="user task 'x': lm_eval: String should have at least 1 character"):
         register_user_task({"name": "x", "lm_eval": ""})
 
 

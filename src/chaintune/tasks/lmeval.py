@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from chaintune.errors import ConfigError, DataError, validation_problems
+from chaintune.errors import ConfigError, DataError
 from chaintune.names import NAME_PATTERN
 from chaintune.tasks.base import Example, Splits, register_task, registered_origin
 
@@ -40,16 +40,6 @@ class LmEvalTaskSpec(BaseModel):
     @property
     def yaml_file(self) -> Path | None:
         return Path(self.lm_eval) if self.lm_eval.endswith((".yaml", ".yml")) else None
-
-
-def parse_lm_eval_task(spec: LmEvalTaskSpec | dict[str, Any]) -> LmEvalTaskSpec:
-    """Validate an lm-eval custom_tasks entry without registering it (or importing lm-eval)."""
-    try:
-        return spec if isinstance(spec, LmEvalTaskSpec) else LmEvalTaskSpec.model_validate(spec)
-    except ValidationError as exc:
-        name = spec.get("name") if isinstance(spec, dict) else None
-        problems = "; ".join(f"{loc}: {msg}" for loc, msg in validation_problems(exc))
-        raise ConfigError(f"lm-eval task {str(name)[:64]!r}: {problems}", _FIX) from None
 
 
 def task_manager(include_path: str | os.PathLike | None = None, defaults: bool = True) -> Any:
@@ -162,9 +152,8 @@ def register_lm_eval_prefixed(name: str) -> None:
                                                          kind="other", group=None))
 
 
-def register_lm_eval_task(spec: LmEvalTaskSpec | dict[str, Any]) -> str:
+def register_lm_eval_task(spec: LmEvalTaskSpec) -> str:
     """Register an lm-eval task (lm-eval is imported when it is first loaded); returns its name."""
-    spec = parse_lm_eval_task(spec)
     origin = spec.model_dump_json()
     if registered_origin(spec.name) == origin:
         return spec.name

@@ -14,7 +14,7 @@ from chaintune.errors import ConfigError, DataError, validation_problems
 from chaintune.io import file_sha256
 from chaintune.names import NAME_PATTERN
 from chaintune.tasks.base import Example, Splits, builtin_task_names, register_task, registered_origin
-from chaintune.tasks.lmeval import LmEvalTaskSpec, parse_lm_eval_task, register_lm_eval_task
+from chaintune.tasks.lmeval import LmEvalTaskSpec, register_lm_eval_task
 from chaintune.tasks.readers import read_csv, read_jsonl
 from chaintune.tasks.splits import n_test, subsample
 
@@ -172,10 +172,10 @@ def split_user_examples(examples: list[Example], spec: UserTaskSpec, seed: int) 
 def parse_user_task(spec: UserTaskSpec | LmEvalTaskSpec | dict[str, Any]) -> UserTaskSpec | LmEvalTaskSpec:
     """Validate a user task spec (a config's custom_tasks entry: a file, or with `lm_eval:` an lm-eval task) without
     registering it."""
-    if isinstance(spec, LmEvalTaskSpec) or (isinstance(spec, dict) and "lm_eval" in spec):
-        return parse_lm_eval_task(spec)
+    lm_eval = isinstance(spec, LmEvalTaskSpec) or (isinstance(spec, dict) and "lm_eval" in spec)
+    model: type[UserTaskSpec | LmEvalTaskSpec] = LmEvalTaskSpec if lm_eval else UserTaskSpec
     try:
-        return spec if isinstance(spec, UserTaskSpec) else UserTaskSpec.model_validate(spec)
+        return spec if isinstance(spec, model) else model.model_validate(spec)
     except ValidationError as exc:
         name = spec.get("name") if isinstance(spec, dict) else None
         problems = "; ".join(f"{loc}: {msg}" for loc, msg in validation_problems(exc))
