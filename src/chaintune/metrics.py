@@ -18,7 +18,8 @@ from scipy import stats
 
 __all__ = [
     "MetricWarning", "BiasedForgetting", "OrderAsymmetry", "BBQBiasScores", "SeedSummary", "BootstrapCI",
-    "percent_correct", "group_accuracies", "accuracy_matrix", "forgetting", "relative_forgetting", "learning_gain", "learning_gain_warnings",
+    "percent_correct", "group_accuracies", "accuracy_matrix", "forgetting", "relative_forgetting", "learning_gain",
+    "learning_gain_warnings",
     "group_forgetting", "biased_forgetting", "k_stage_forgetting", "backward_transfer", "order_asymmetry",
     "bbq_bias_scores", "seed_summary", "aggregate_over_seeds", "paired_bootstrap", "paired_bootstrap_groups",
     "replay_recovery", "capability_cost", "smallest_recovering_fraction", "Correlation", "correlation",

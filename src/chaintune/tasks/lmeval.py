@@ -52,7 +52,8 @@ def task_manager(include_path: str | os.PathLike | None = None, defaults: bool =
     return TaskManager(include_path=str(include_path) if include_path else None, include_defaults=defaults)
 
 
-def multiple_choice_tasks(include_path: str | os.PathLike | None = None, defaults: bool = True) -> list[dict[str, str]]:
+def multiple_choice_tasks(include_path: str | os.PathLike | None = None,
+                          defaults: bool = True) -> list[dict[str, str]]:
     """[{task, data, config}] of every multiple-choice task lm-eval knows (`defaults`; indexing them takes 10 s or
     more) and those under `include_path`; `data` is "local files" for a task reading data_files, else the Hugging
     Face dataset it needs (from the datasets cache, when offline)."""
