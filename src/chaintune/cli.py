@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 from chaintune.errors import ChaintuneError, one_line
-from chaintune.options import (add_file_task_options, check_output_file, int_list, like_field, number, save_results,
-                               task_from_args)
+from chaintune.options import (add_file_task_options, check_output_file, column_list, int_list, like_field, number,
+                               save_results, task_from_args)
 
 EXIT_USAGE = 2
 EXIT_BUG = 70  # an exception that is not a ChaintuneError: a bug in chaintune
@@ -51,6 +51,18 @@ def print_frame(df, title: str, std: bool = False) -> None:
 def cmd_tasks(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    if args.include is not None and not (args.lm_eval and Path(args.include).is_dir()):
+        raise ChaintuneError(f"--include '{args.include}' is not a folder, or --lm-eval is missing",
+                             "pass --lm-eval --include FOLDER (a folder of lm-eval task YAMLs)")
+    if args.lm_eval:
+        from chaintune.tasks.lmeval import multiple_choice_tasks
+
+        rows = multiple_choice_tasks(args.include)
+        for row in rows:  # thousands: plain lines, not a table
+            print(f"{row['task']}\t{row['data']}\t{row['config']}")
+        print(f"{len(rows)} lm-eval multiple-choice tasks (name, data, config); use one as a task name, or in "
+              "custom_tasks with lm_eval: (docs/tasks.md)", file=sys.stderr)
+        return 0
     from chaintune.tasks import get_task, load_splits, resolve_data_dir, task_names
 
     data_dir = resolve_data_dir(args.data_dir)
@@ -220,7 +232,7 @@ def cmd_curvature(args: argparse.Namespace) -> int:
     return 0
 
 
-def summarize(out_dir: Path) -> int:
+def summarize(out_dir: Path, group_by: tuple[str, ...] = ()) -> int:
     from rich.markup import escape
 
     from chaintune.analysis import findings, load_runs, summary_tables, write_summary
@@ -229,8 +241,8 @@ def summarize(out_dir: Path) -> int:
     if not out_dir.is_dir():
         raise ChaintuneError(f"run directory '{out_dir}' does not exist", "pass the output_dir of a `chaintune run`")
     out = RunDir(out_dir)
-    out.path_for_write(out.summary_dir / "summary.md")  # a symlinked summary/ fails before any work
-    runs = load_runs(out)
+    out.path_for_write(out.summary_folder(group_by) / "summary.md")  # a symlinked summary/ fails before any work
+    runs = load_runs(out, group_by)
     tables = summary_tables(runs)
     titles = {"stage_gate": "Stage quality gate: each stage's held-out validation accuracy (pp) vs its baselines",
               "excluded_runs": "Runs left out of every table below: a stage failed its quality gate",
@@ -254,13 +266,13 @@ def summarize(out_dir: Path) -> int:
         print_frame(df.drop(columns=["note"], errors="ignore"), titles.get(name, name), std=True)
     for question, lines in findings(runs, tables).items():
         _console().print(f"[bold]{question}[/]\n" + "\n".join(f"  • {escape(line)}" for line in lines), highlight=False)
-    folder = write_summary(out, runs, tables)
+    folder = write_summary(out, runs, tables, group_by)
     _console().print(f"tables written to {folder}/ (CSV + summary.md)")
     return 0
 
 
 def cmd_summarize(args: argparse.Namespace) -> int:
-    return summarize(Path(args.run_dir))
+    return summarize(Path(args.run_dir), args.group_by)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -274,7 +286,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise ChaintuneError(f"--out '{out}' names a file; --out takes a folder (the report, figures/ and tables/ "
                                  "all go inside it)", f"pass --out {out.with_suffix('')} (and --format md for Markdown)")
         check_outside_data(out, resolve_data_dir(None), what="--out")
-    path = write_report(Path(args.run_dir), out, fmt=args.format or "html")
+    path = write_report(Path(args.run_dir), out, fmt=args.format or "html", group_by=args.group_by)
     _console().print(f"report written to {path} (figures/ and tables/ beside it)")
     return 0
 
@@ -340,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     seed = like_field("config:ExperimentConfig.data_seed")
     p = sub.add_parser("tasks", help="list tasks with split sizes and groups")
     data_dir_arg(p)
+    p.add_argument("--lm-eval", action="store_true", help="list lm-evaluation-harness multiple-choice tasks instead "
+                                                          "(usable as lmeval:<task>; 'local files' = readable offline)")
+    p.add_argument("--include", metavar="FOLDER", help="with --lm-eval: also the task YAMLs in FOLDER")
     p.set_defaults(func=cmd_tasks)
 
     def model_args(p: argparse.ArgumentParser) -> None:
@@ -409,8 +424,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="list every run (default: the first 40)")
     p.set_defaults(func=cmd_plan)
 
+    def group_by_arg(p: argparse.ArgumentParser, folder: str) -> None:
+        p.add_argument("--group-by", type=column_list, default=(), metavar="COL[,COL...]",
+                       help="regroup the per-group tables by stored per-example metadata columns (several: their "
+                            "intersection, e.g. category,context_condition), from the predictions, no inference; "
+                            f"written to {folder}/by_<cols>/")
+
     p = sub.add_parser("summarize", help="print forgetting / biased-forgetting tables of a finished run")
     p.add_argument("run_dir", help="an experiment output_dir")
+    group_by_arg(p, "RUN_DIR/summary")
     p.set_defaults(func=cmd_summarize)
 
     p = sub.add_parser("report", help="write an HTML (or Markdown) report with figures and tables of a run or sweep")
@@ -418,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FOLDER", help="folder for the report file, figures/ and tables/ (default: "
                                                    "RUN_DIR/report/)")
     p.add_argument("--format", choices=["html", "md"], help="html (self-contained, the default) or md")
+    group_by_arg(p, "RUN_DIR/report (without --out)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("power", help="variance components, minimal detectable effects and the seeds × test "

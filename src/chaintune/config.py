@@ -237,6 +237,11 @@ class Chain(Strict):
     eval_tasks: list[str] | None = None  # tasks scored after each stage of this chain (default: the experiment's)
 
 
+def _file_keys(spec: dict[str, Any]) -> list[str]:
+    """The keys of a custom_tasks entry that name files or folders (made absolute when the config is read)."""
+    return ["path", "include_path"] + (["lm_eval"] if str(spec.get("lm_eval", "")).endswith((".yaml", ".yml")) else [])
+
+
 class ExperimentConfig(Strict):
     name: str = Field("experiment", pattern=NAME_PATTERN)
     model: str | None = None  # hub id, local dir or .gguf; None = the embedded SmolLM2-135M-Instruct
@@ -290,8 +295,8 @@ class ExperimentConfig(Strict):
             raise ValueError(f"user task name '{taken[0]}' is taken by a built-in task; choose another name")
         if len(set(names)) != len(names):
             raise ValueError(f"custom_tasks name a task twice ({sorted({n for n in names if names.count(n) > 1})})")
-        return [spec | {"path": os.path.abspath(spec["path"])} if isinstance(spec.get("path"), (str, os.PathLike))
-                else spec for spec in specs]
+        return [spec | {key: os.path.abspath(spec[key]) for key in _file_keys(spec)
+                        if isinstance(spec.get(key), (str, os.PathLike))} for spec in specs]
 
     @model_validator(mode="after")
     def _check_names(self) -> "ExperimentConfig":

@@ -7,14 +7,13 @@ computed once; many questions go in one forward pass, sorted by length; the LM h
 from __future__ import annotations
 
 import logging
-import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from chaintune.errors import ChaintuneError
+from chaintune.metrics import group_accuracies, percent_correct
 from chaintune.tasks import Example
 
 log = logging.getLogger(__name__)
@@ -219,17 +218,8 @@ def predictions_from_scores(examples: Sequence[Example], scores: Sequence[Sequen
 
 def accuracy_summary(task: str, predictions: Sequence[dict[str, Any]]) -> EvalResult:
     """Overall and per-group acc / acc_norm (percentage points) from per-example predictions."""
-    def pct(rows: Sequence[dict[str, Any]], key: str) -> float:
-        return 100.0 * sum(bool(r[key]) for r in rows) / len(rows) if rows else math.nan
-
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in predictions:
-        if row["group"] is not None:
-            groups[row["group"]].append(row)
-    per_group = {g: {"acc": pct(rows, "correct"), "acc_norm": pct(rows, "correct_norm"), "n": len(rows)}
-                 for g, rows in sorted(groups.items())}
-    return EvalResult(task, len(predictions), pct(predictions, "correct"), pct(predictions, "correct_norm"),
-                      per_group, list(predictions))
+    return EvalResult(task, len(predictions), percent_correct(predictions, "correct"),
+                      percent_correct(predictions, "correct_norm"), group_accuracies(predictions), list(predictions))
 
 
 def evaluate(model, tokenizer, examples: Sequence[Example], task: str = "task", *, progress: bool = False,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,8 @@ from scipy import stats
 
 __all__ = [
     "MetricWarning", "BiasedForgetting", "OrderAsymmetry", "BBQBiasScores", "SeedSummary", "BootstrapCI",
-    "accuracy_matrix", "forgetting", "relative_forgetting", "learning_gain", "learning_gain_warnings",
+    "percent_correct", "group_accuracies", "accuracy_matrix", "forgetting", "relative_forgetting", "learning_gain",
+    "learning_gain_warnings",
     "group_forgetting", "biased_forgetting", "k_stage_forgetting", "backward_transfer", "order_asymmetry",
     "bbq_bias_scores", "seed_summary", "aggregate_over_seeds", "paired_bootstrap", "paired_bootstrap_groups",
     "replay_recovery", "capability_cost", "smallest_recovering_fraction", "Correlation", "correlation",
@@ -52,6 +53,22 @@ def _mean(x: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- accuracy matrix, forgetting, gains (two-stage)
+def percent_correct(rows: Sequence[Mapping[str, Any]], key: str = "correct") -> float:
+    """Share of `rows` whose `key` is true, in pp (NaN for no rows)."""
+    return 100.0 * sum(bool(r[key]) for r in rows) / len(rows) if rows else math.nan
+
+
+def group_accuracies(predictions: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """{group: {"acc", "acc_norm" (pp), "n"}} over per-example predictions (dicts with group, correct,
+    correct_norm), groups sorted; rows whose group is None belong to no group."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for row in predictions:
+        if row["group"] is not None:
+            groups.setdefault(row["group"], []).append(row)
+    return {g: {"acc": percent_correct(rows, "correct"), "acc_norm": percent_correct(rows, "correct_norm"),
+                "n": len(rows)} for g, rows in sorted(groups.items())}
+
+
 def accuracy_matrix(df: pd.DataFrame, value: str = "acc") -> pd.DataFrame:
     """R[s][t] from a tidy table, one row per (stage, task), columns `stage` (int, 0 = base), `task`, `acc` (pp).
 

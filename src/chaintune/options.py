@@ -52,6 +52,17 @@ def int_list(**bounds: float) -> Callable[[str], tuple[int, ...]]:
     return convert
 
 
+def column_list(text: str) -> tuple[str, ...]:
+    """An argparse `type`: comma-separated column names, none empty or repeated (e.g. "category,context_condition")."""
+    parts = tuple(p.strip() for p in text.split(","))
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of column names (e.g. "
+                                         "category,context_condition)")
+    if len(set(parts)) < len(parts):
+        raise argparse.ArgumentTypeError(f"'{text}' names a column twice")
+    return parts
+
+
 def like_field(where: str) -> Callable[[str], int | float]:
     """An argparse `type` with the kind and bounds of a config field, e.g. "config:TaskSettings.eval_limit" — one
     range for `--limit` and `eval_limit:`. The model is looked up when a value is parsed, not for `--help`."""

@@ -16,6 +16,7 @@ Layout (schema_version 2; directories written by schema 1, which had no `schema_
     runs/<run>/accuracy_matrix.csv, group_accuracy.csv, predictions.parquet, train_curves.csv, metrics.json
     results.parquet / results.csv           one tidy table of every run's accuracies
     summary/, report/                       written by `chaintune summarize` / `chaintune report`
+    summary/by_<cols>/, report/by_<cols>/   the same, regrouped by metadata columns (`--group-by`)
 
 Every write goes through `Folder.path_for_write`, which refuses a path that leaves the resolved output directory
 through a symlinked folder (`RunDir` is a `Folder`; so is a report's folder). Every read goes through a reader that
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -144,6 +146,11 @@ class PointRecord(Record):
     label: str
     overrides: dict[str, Any] = {}
     config: dict[str, Any]
+
+
+def _by(group_by: Sequence[str]) -> str:
+    """The folder name of a regrouping: by_<col>+<col>, characters unsafe in a folder name replaced by '_'."""
+    return "by_" + "+".join(re.sub(r"[^A-Za-z0-9_.-]", "_", c) for c in group_by)
 
 
 _FIX = "restore it from a copy, or delete it (a stage's file: that stage's folder) and rerun to recompute it"
@@ -269,6 +276,14 @@ class RunDir(Folder):
     @property
     def summary_dir(self) -> Path:
         return self.root / "summary"
+
+    def summary_folder(self, group_by: Sequence[str] = ()) -> Path:
+        """summary/, or summary/by_<col>[+<col>…]/ for the tables regrouped by metadata columns."""
+        return self.summary_dir / _by(group_by) if group_by else self.summary_dir
+
+    def report_folder(self, group_by: Sequence[str] = ()) -> Path:
+        """report/, or report/by_<col>[+<col>…]/ for the report regrouped by metadata columns."""
+        return self.root / "report" / _by(group_by) if group_by else self.root / "report"
 
     # ------------------------------------------------------------------------------------------------ writers
     def write_record(self, path: Path, record: Record) -> None:

@@ -10,15 +10,17 @@ import pandas as pd
 
 from chaintune.analysis.intervals import BOOTSTRAP, CROSSED, SIGNIFICANCE, T_OVER_SEEDS, WELCH
 from chaintune.analysis.quality import failure_text
-from chaintune.analysis.records import OVERALL, RunData
+from chaintune.analysis.records import GROUP_SEPARATOR, OVERALL, RunData
 from chaintune.analysis.tables import order_difference, order_pairs, summary_tables
 from chaintune.rundir import RunDir
 
 
-def write_summary(out: RunDir, runs: list[RunData], tables: dict[str, pd.DataFrame]) -> Path:
-    """Write every table as CSV and one Markdown file (findings first) under summary/; returns that folder."""
-    folder = out.summary_dir
-    md = [f"# Summary of {out.root.name}\n"]
+def write_summary(out: RunDir, runs: list[RunData], tables: dict[str, pd.DataFrame],
+                  group_by: tuple[str, ...] = ()) -> Path:
+    """Write every table as CSV and one Markdown file (findings first) under summary/ (with `group_by`, the
+    metadata columns the runs were regrouped by: summary/by_<cols>/); returns that folder."""
+    folder = out.summary_folder(group_by)
+    md = [f"# Summary of {out.root.name}{f' (groups: {GROUP_SEPARATOR.join(group_by)})' if group_by else ''}\n"]
     for question, lines in findings(runs, tables).items():
         md += [f"**{question}**\n"] + [f"- {line}" for line in lines] + [""]
     for name, df in tables.items():

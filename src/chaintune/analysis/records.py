@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from chaintune import metrics as M
 from chaintune.analysis.quality import gate_row
 from chaintune.analysis.run_metrics import OVERALL, replay_metrics, replay_specs, run_metrics
 from chaintune.config import ExperimentConfig, Stage, TrainingConfig
@@ -31,8 +32,47 @@ def _stage_name(out: RunDir, node: str) -> tuple[str, str | None]:
     return Stage.model_validate(record.stage).label, record.task
 
 
-def run_rows(out: RunDir, run: RunRecord, eval_tasks: list[str], experiment: str) -> list[dict[str, Any]]:
-    """The run's rows of the results table: one per (stage, eval task, group), with ALL for the whole task."""
+SCORE_COLUMNS = frozenset({"id", "pred", "pred_norm", "correct", "correct_norm", "logliks", "stage", "eval_task"})
+"""Prediction columns that are scores or keys; every other stored column is per-example metadata (group, gold and
+the task's own, e.g. BBQ's context_condition)."""
+GROUP_SEPARATOR = " × "  # joins the values of several --group-by columns into one group label
+
+
+def metadata_columns(predictions: pd.DataFrame) -> list[str]:
+    """The metadata columns of one task's stored predictions that hold a value for at least one question."""
+    return sorted(str(c) for c in predictions.columns[predictions.notna().any()] if c not in SCORE_COLUMNS)
+
+
+def check_group_by(frames: dict[str, list[pd.DataFrame]], group_by: tuple[str, ...]) -> None:
+    """A one-line error unless every `group_by` column is metadata of some task and one task holds them all.
+    `frames`: eval task → its stored predictions (one frame per stage)."""
+    available = {task: set().union(*(metadata_columns(f) for f in parts)) for task, parts in frames.items()}
+    listing = "; ".join(f"{task}: {', '.join(sorted(cols)) or 'none'}" for task, cols in available.items())
+    unknown = [c for c in group_by if not any(c in cols for cols in available.values())]
+    if unknown:
+        raise ChaintuneError(f"unknown --group-by column{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                             f"(available: {listing})", "pass metadata columns that the evaluated tasks store")
+    if not any(set(group_by) <= cols for cols in available.values()):
+        raise ChaintuneError(f"no evaluated task holds all of --group-by {','.join(group_by)} (available: {listing})",
+                             "group by columns of one task")
+
+
+def regroup(predictions: pd.DataFrame, group_by: tuple[str, ...]) -> pd.DataFrame:
+    """`predictions` (one task and stage) with `group` replaced by the values of the `group_by` columns, joined by
+    " × " ("Age × ambig"); a question missing any of them belongs to no group (None), as do all of a task that
+    lacks a column."""
+    values = predictions.reindex(columns=list(group_by))
+    complete = values.notna().all(axis=1)
+    labels = [GROUP_SEPARATOR.join(map(str, row)) if ok else None
+              for ok, row in zip(complete, values.itertuples(index=False))]
+    return predictions.assign(group=pd.Series(labels, index=predictions.index, dtype=object))
+
+
+def run_rows(out: RunDir, run: RunRecord, eval_tasks: list[str], experiment: str,
+             regrouped: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+    """The run's rows of the results table: one per (stage, eval task, group), with ALL for the whole task. The
+    groups are those stored with each evaluation, or with `regrouped` (the run's predictions after `regroup`)
+    those of its `group` column."""
     rows = []
     for index, node in enumerate(run.stages):
         name, trained = _stage_name(out, node)
@@ -44,14 +84,24 @@ def run_rows(out: RunDir, run: RunRecord, eval_tasks: list[str], experiment: str
                       "variant": run.variant, "stage": index, "stage_name": name, "trained_task": trained,
                       "eval_task": task, "node": node}
             rows.append(common | {"group": OVERALL, "n": ev.n, "acc": ev.acc, "acc_norm": ev.acc_norm})
-            for group, g in ev.per_group.items():
+            per_group = ev.per_group if regrouped is None else M.group_accuracies(
+                regrouped.loc[(regrouped.stage == index) & (regrouped.eval_task == task),
+                              ["group", "correct", "correct_norm"]].to_dict(orient="records"))
+            for group, g in per_group.items():
                 rows.append(common | {"group": group, "n": g["n"], "acc": g["acc"], "acc_norm": g["acc_norm"]})
     return rows
 
 
-def run_predictions(out: RunDir, run: RunRecord, eval_tasks: list[str]) -> pd.DataFrame:
-    return pd.concat([out.predictions(node, task).assign(stage=index, eval_task=task)
-                      for index, node in enumerate(run.stages) for task in eval_tasks], ignore_index=True)
+def run_predictions(out: RunDir, run: RunRecord, eval_tasks: list[str],
+                    group_by: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Every stage's stored predictions of every eval task, with stage and eval_task columns; with `group_by`, the
+    groups are those columns' values (`regroup`)."""
+    frames = {task: [out.predictions(node, task).assign(stage=index, eval_task=task)
+                     for index, node in enumerate(run.stages)] for task in eval_tasks}
+    if group_by:
+        check_group_by(frames, group_by)
+        frames = {task: [regroup(f, group_by) for f in parts] for task, parts in frames.items()}
+    return pd.concat([frames[t][index] for index in range(len(run.stages)) for t in eval_tasks], ignore_index=True)
 
 
 def run_curves(out: RunDir, run: RunRecord) -> pd.DataFrame | None:
@@ -166,18 +216,20 @@ def _eval_tasks(out: RunDir, record: RunRecord, legacy: _Schema1) -> list[str]:
     return [t for t in held if all(out.eval_path(n, t).is_file() for n in record.stages)]
 
 
-def load_run(out: RunDir, run_id: str, points: dict[str, dict[str, Any]], legacy: _Schema1) -> RunData:
-    """One run's data, its metrics computed with today's definitions from the stages' records."""
+def load_run(out: RunDir, run_id: str, points: dict[str, dict[str, Any]], legacy: _Schema1,
+             group_by: tuple[str, ...] = ()) -> RunData:
+    """One run's data, its metrics computed with today's definitions from the stages' records; with `group_by`,
+    every per-group metric is over the groups those metadata columns form (`regroup`)."""
     record = out.run(run_id)
     cfg = points.get(record.variant, points[""])
     defaults = ExperimentConfig.model_fields
     tasks = _eval_tasks(out, record, legacy)
-    rows = pd.DataFrame(run_rows(out, record, tasks, str(cfg.get("name", ""))))
+    predictions = run_predictions(out, record, tasks, group_by)
+    rows = pd.DataFrame(run_rows(out, record, tasks, str(cfg.get("name", "")), predictions if group_by else None))
     last = {t: out.evaluation(record.stages[-1], t) for t in tasks}
     kinds = {t: task_kind(t, ev.kind, legacy) for t, ev in last.items()}
     metrics = {t: declared_metrics(t, ev.metrics) for t, ev in last.items()}
     settings = stage_settings(out, record)
-    predictions = run_predictions(out, record, tasks)
     summary = run_summary(out, record, rows, predictions, int(cfg.get("data_seed", defaults["data_seed"].default)),
                           int(cfg.get("min_group_size", defaults["min_group_size"].default)), metrics)
     nodes = {n: out.node(n) for n in record.stages[1:]}
@@ -186,14 +238,15 @@ def load_run(out: RunDir, run_id: str, points: dict[str, dict[str, Any]], legacy
                    str(cfg.get("multiple_comparisons", defaults["multiple_comparisons"].default)), gates)
 
 
-def load_runs(out: RunDir) -> list[RunData]:
-    """Every finished run of the directory (a run.json), read from the records."""
+def load_runs(out: RunDir, group_by: tuple[str, ...] = ()) -> list[RunData]:
+    """Every finished run of the directory (a run.json), read from the records; `group_by`: metadata columns whose
+    values (or their intersection) replace the tasks' groups in every per-group metric (no inference)."""
     from chaintune.tasks import register_user_tasks
 
     register_user_tasks(out.custom_tasks())  # a fresh process knows the user tasks the experiment used
     points = _point_settings(out)
     legacy = _Schema1(out)
-    runs = [load_run(out, run_id, points, legacy) for run_id in out.run_ids()]
+    runs = [load_run(out, run_id, points, legacy, tuple(group_by)) for run_id in out.run_ids()]
     if not runs:
         raise ChaintuneError(f"'{out.root}' holds no finished runs (no runs/*/run.json)",
                              "pass the output_dir of a finished `chaintune run`")

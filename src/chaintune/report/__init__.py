@@ -44,21 +44,25 @@ __all__ = [
 ]
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = "html") -> Path:
+def write_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = "html",
+                 group_by: tuple[str, ...] = ()) -> Path:
     """Write the report of a finished experiment (or of a sweep folder holding several) and return its path.
 
     `out`: the report file, or a folder for `report.html` / `report.md` (default `<run_dir>/report/`); figures go to
     `<out's folder>/figures/` (PNG + PDF) and tables to `<out's folder>/tables/` (CSV + Markdown). `fmt="html"`
     embeds every figure as a base64 PNG (one self-contained file, no external resources); `fmt="md"` writes
-    Markdown that references the PNG files. Every file is written atomically.
+    Markdown that references the PNG files. Every file is written atomically. `group_by`: metadata columns whose
+    values (or their intersection) form the groups of the per-group sections (default folder
+    `<run_dir>/report/by_<cols>/`).
     """
     if fmt not in ("html", "md"):
         raise ChaintuneError(f"unknown report format '{fmt}'", "use --format html or --format md")
     run_dir = Path(run_dir)
     dirs = _experiment_dirs(run_dir)
     if out is None:  # report/ of the run directory: written through it, so a symlinked report/ is refused
-        folder: Folder = RunDir(run_dir)
-        out = folder.root / "report" / f"report.{fmt}"
+        run_folder = RunDir(run_dir)
+        folder: Folder = run_folder
+        out = run_folder.report_folder(group_by) / f"report.{fmt}"
     else:
         out = Path(out)
         if out.is_dir() or not out.suffix:  # a folder: the report goes inside it
@@ -67,7 +71,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = 
         out = folder.root / out.name
     for path in (out, out.parent / "figures" / "x", out.parent / "tables" / "x"):  # before any work
         folder.path_for_write(path)
-    exps = [_load(d) for d in dirs]
+    exps = [_load(d, group_by) for d in dirs]
     b = _Builder(folder, out.parent)
     def tags(e: _Experiment) -> tuple[str, str]:  # in a sweep, titles and file names carry the experiment folder
         return (f" — {e.path.name}", f"{e.path.name}_") if len(exps) > 1 else ("", "")
@@ -79,7 +83,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = 
     for e in exps:
         _training(b, e, *tags(e))
     title = f"chaintune report: {exps[0].name if len(exps) == 1 else run_dir.name}"
-    subtitle = (f"{run_dir.resolve()} · {len(exps)} experiment(s) · generated "
+    regrouped = f" · groups regrouped by {' × '.join(group_by)}" if group_by else ""
+    subtitle = (f"{run_dir.resolve()} · {len(exps)} experiment(s){regrouped} · generated "
                 f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} · {len(b.names['figure'])} figures "
                 f"(PNG + PDF in figures/), {len(b.names['table'])} tables (CSV + Markdown in tables/)")
     text = _html(b, title, subtitle) if fmt == "html" else _markdown(b, title, subtitle)

@@ -54,15 +54,18 @@ def _run_chains(out: RunDir, runs: list[RunData]) -> list[dict[str, Any]]:
     return list(chains.values())
 
 
-def _load(exp_dir: Path) -> _Experiment:
+def _load(exp_dir: Path, group_by: tuple[str, ...] = ()) -> _Experiment:
     out = RunDir(exp_dir)
     config = out.experiment() if out.experiment_path.is_file() else {}
     results = out.results()
     if out.run_ids():  # analysed from the records, as `chaintune summarize` does (a corrupt record is an error)
-        runs = load_runs(out)
+        runs = load_runs(out, group_by)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tables = summary_tables(runs)
+    elif group_by:
+        raise ChaintuneError(f"'{exp_dir}' holds no run records (runs/*/run.json), so it cannot be regrouped",
+                             "run --group-by on the output_dir of a finished `chaintune run`")
     else:  # results without run records: only the sections computed from accuracies
         runs, tables = runs_from_results(results, config), {}
     config["chains"] = _run_chains(out, runs) or config.get("chains", [])

@@ -100,7 +100,12 @@ def task_names() -> list[str]:
 
 
 def get_task(name: str) -> TaskSpec:
+    """The registered task `name`; `lmeval:<task>` registers lm-eval's task on first use (chaintune.tasks.lmeval)."""
     key = _ALIASES.get(name, name)
+    if key not in _REGISTRY and name.startswith("lmeval:") and len(name) > len("lmeval:"):
+        from chaintune.tasks.lmeval import register_lm_eval_prefixed
+
+        register_lm_eval_prefixed(name)
     if key not in _REGISTRY:
         raise ChaintuneError(f"unknown task '{name}'",
                              f"choose one of: {', '.join(task_names())} (or register one with chaintune.tasks.register_task)")

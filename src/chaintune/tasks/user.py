@@ -14,6 +14,7 @@ from chaintune.errors import ConfigError, DataError, validation_problems
 from chaintune.io import file_sha256
 from chaintune.names import NAME_PATTERN
 from chaintune.tasks.base import Example, Splits, builtin_task_names, register_task, registered_origin
+from chaintune.tasks.lmeval import LmEvalTaskSpec, register_lm_eval_task
 from chaintune.tasks.readers import read_csv, read_jsonl
 from chaintune.tasks.splits import n_test, subsample
 
@@ -168,10 +169,13 @@ def split_user_examples(examples: list[Example], spec: UserTaskSpec, seed: int) 
     return {"train": [e for e in unique if id(e) not in held], "test": test}
 
 
-def parse_user_task(spec: UserTaskSpec | dict[str, Any]) -> UserTaskSpec:
-    """Validate a user task spec (a config's custom_tasks entry) without registering it."""
+def parse_user_task(spec: UserTaskSpec | LmEvalTaskSpec | dict[str, Any]) -> UserTaskSpec | LmEvalTaskSpec:
+    """Validate a user task spec (a config's custom_tasks entry: a file, or with `lm_eval:` an lm-eval task) without
+    registering it."""
+    lm_eval = isinstance(spec, LmEvalTaskSpec) or (isinstance(spec, dict) and "lm_eval" in spec)
+    model: type[UserTaskSpec | LmEvalTaskSpec] = LmEvalTaskSpec if lm_eval else UserTaskSpec
     try:
-        return spec if isinstance(spec, UserTaskSpec) else UserTaskSpec.model_validate(spec)
+        return spec if isinstance(spec, model) else model.model_validate(spec)
     except ValidationError as exc:
         name = spec.get("name") if isinstance(spec, dict) else None
         problems = "; ".join(f"{loc}: {msg}" for loc, msg in validation_problems(exc))
@@ -179,12 +183,14 @@ def parse_user_task(spec: UserTaskSpec | dict[str, Any]) -> UserTaskSpec:
                           "fix the task spec (see docs/tasks.md, 'Your own dataset')") from None
 
 
-def register_user_task(spec: UserTaskSpec | dict[str, Any]) -> str:
+def register_user_task(spec: UserTaskSpec | LmEvalTaskSpec | dict[str, Any]) -> str:
     """Register a user MCQ dataset as a task; returns its name. Registering the same spec for the same file content
     again changes nothing (its cached splits stay valid)."""
     spec = parse_user_task(spec)
     if spec.name in builtin_task_names():
         raise ConfigError(f"user task name '{spec.name}' is taken by a built-in task", "choose another name")
+    if isinstance(spec, LmEvalTaskSpec):
+        return register_lm_eval_task(spec)
     try:  # the file's content is part of what defines the task: an edited file is registered afresh
         origin = f"{spec.model_dump_json()} sha256:{file_sha256(spec.path)}"
     except OSError:
