@@ -295,6 +295,10 @@ def special(root: Path) -> dict[str, st.SearchStrategy]:
                                           {"training.lr": [5.0]}, "x"]),
         "sweep.zip": st.sampled_from([[{"training.lr": [1e-3], "seeds": [[0], [1]]}], [{"x y": [1]}], "x"]),
         "sweep": st.sampled_from(["x", {"grid": {}}]),
+        "logging.trackers": st.sampled_from(["tensorboard", ["nope"], [1], {"a": 1}]),
+        "logging.mlflow_tracking_uri": st.text(max_size=20).filter(
+            lambda t: not re.fullmatch(r"(file:|sqlite:|https?://|databricks)\S*", t)) | st.sampled_from([3, ["x"]]),
+        "logging.wandb_project": names_not(NAME_PATTERN),
     }
 
 

@@ -113,9 +113,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _executor_overrides(args: argparse.Namespace) -> list[str]:
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """`chaintune run`'s executor and tracker flags as `--set` overrides (a flag replaces the config's value)."""
     flags = {"kind": args.executor, "workers": args.workers, "address": args.address, "retries": args.retries}
-    return [f"executor.{k}={v}" for k, v in flags.items() if v is not None]
+    overrides = [f"executor.{k}={v}" for k, v in flags.items() if v is not None]
+    if args.tracker:
+        overrides.append(f"logging.trackers=[{','.join(args.tracker)}]")
+    return overrides
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -124,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from chaintune.engine import run
     from chaintune.plan import load_sweep, make_plan
 
-    points = load_sweep(args.config, args.set + _executor_overrides(args))
+    points = load_sweep(args.config, args.set + _flag_overrides(args))
     cfg, plan = points[0].cfg, make_plan(points)
     trained = len(plan.trained_nodes)
     _console().print(f"[bold]{cfg.name}[/]: {len(points)} sweep point(s), {len(plan.runs)} runs, {trained} stages to "
@@ -399,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="ray: cluster address, e.g. auto (default: start a local Ray instance)")
     p.add_argument("--retries", type=like_field("config:ExecutorConfig.retries"),
                    help="re-runs of a failed stage job (default 1; errors caused by the input are not retried)")
+    p.add_argument("--tracker", action="append", choices=["tensorboard", "mlflow", "wandb"],
+                   help="send curves, evaluations and forgetting tables to this tracker (repeatable; replaces the "
+                        "config's logging.trackers; pip install 'chaintune[trackers]'; see docs/trackers.md)")
     progress_arg(p)
     p.set_defaults(func=cmd_run)
 
