@@ -153,6 +153,7 @@ def string_strategies(w: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
         "set": st.text(max_size=30).filter(lambda t: t.partition("=")[0].split(".")[0]
                                            not in ExperimentConfig.model_fields),
         "out": st.sampled_from([str(root / "r.html"), str(root / "r.md"), str(root / "file")]),
+        "stage": st.text(max_size=20), "run": st.text(max_size=20),
     }
 
 
@@ -177,7 +178,8 @@ def test_bad_text_values_are_one_line(capsys, world, monkeypatch, data):
              "curvature": ["--task", str(w["task"]), "--model", str(w["model"]), "--examples", "2"],
              "run": [str(w["config"])], "plan": [str(w["config"])], "summarize": [str(w["root"] / "no-run")],
              "report": [str(w["root"] / "no-run")], "power": [str(w["root"] / "no-run")],
-             "verify": [str(w["root"] / "no-run")], "tasks": []}
+             "verify": [str(w["root"] / "no-run")], "tasks": [],
+             "export": [str(w["root"] / "no-run"), "--run", "r", "--out", str(w["root"] / "export")]}
     cases = [(name, a) for name, p in commands().items() for a in value_actions(p)
              if not typed(a) and not a.choices and a.dest in strategies]
     name, action = data.draw(st.sampled_from(cases), label="option")
