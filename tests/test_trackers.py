@@ -13,6 +13,7 @@ import pytest
 from test_cli import assert_one_line_error
 from test_hostile import NO_GATE, experiment, quiet_run
 
+import chaintune
 from chaintune import trackers
 from chaintune.cli import main
 from chaintune.config import validate_config
@@ -142,7 +143,6 @@ def test_mlflow_file_store_holds_named_runs_params_metrics_and_tables(logged):
 
 
 def test_wandb_offline_runs_hold_the_curves(logged):
-    pytest.importorskip("wandb")
     rows = wandb_history(logged)
     assert sorted(rows) == ["ab-seed0", "ba-seed0"]
     truth = stored(logged, "ab-seed0")
@@ -200,15 +200,13 @@ def test_a_failing_tracker_is_a_warning_and_the_next_run_sends_the_rest(tmp_path
     def broken(self, name, df):
         raise OSError("disk full")
 
-    monkeypatch.setattr(trackers.TensorBoardRun, "table", broken)
     lines: list[str] = []
-    import chaintune
-
-    assert not chaintune.run(cfg, echo=lines.append, progress=False).failed
+    with monkeypatch.context() as patched:
+        patched.setattr(trackers.TensorBoardRun, "table", broken)
+        assert not chaintune.run(cfg, echo=lines.append, progress=False).failed
     assert any("tensorboard tracker failed on ab-seed0 (OSError: disk full)" in line for line in lines)
     assert json.loads((out / "trackers" / "state.json").read_text())["tensorboard"]["ab-seed0"] == {
         "stages": 2, "final": False}
-    monkeypatch.undo()
     assert quiet_run(cfg).jobs_run == 0
     scalars = tensorboard_scalars(out / "trackers" / "tensorboard" / "ab-seed0")
     assert len(scalars["train/loss"]) == 4 and "tables/forgetting/text_summary" not in scalars

@@ -58,11 +58,14 @@ def find_stage(out: RunDir, stage: str | None, run: str | None, overrides: dict[
 
 
 def check_out(path: Path, data_dir: Path | None) -> Path:
-    """The export folder: absent or empty, outside the data."""
+    """The export folder: absent or empty, outside the data, in a writable folder (checked before any work)."""
+    from chaintune.io import probe_writable
+
     path = Path(path).expanduser()
     check_outside_data(path, data_dir, what="--out")
     if path.is_file() or (path.is_dir() and any(path.iterdir())):
         raise ChaintuneError(f"--out '{path}' exists and is not an empty folder", "pass a new folder")
+    probe_writable(path.parent, "the folder of --out", "pass an --out in a writable folder")
     return path
 
 
@@ -199,7 +202,6 @@ def export_stage(run_dir: str | Path, out_dir: str | Path, *, stage: str | None 
                              "rerun the experiment (keep_checkpoints: true keeps every stage exportable)")
     adapter = node.training.method == "lora" and not merge
     cache = WeightCache(out, cfg.model, cfg.device, trust_remote_code)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.export-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -138,8 +138,8 @@ class WandbRun:
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project=project, id=run_key, name=name, group=group, tags=[f"{k}:{v}" for k, v in
-                              tags.items()][:20], dir=str(folder), mode=mode, resume="allow", reinit="create_new",
+        self.run = wandb.init(project=project, id=run_key, name=name, group=group, tags=[f"{k}:{v}"[:64] for k, v in
+                              tags.items()], dir=str(folder), mode=mode, resume="allow", reinit="create_new",
                               settings=wandb.Settings(silent=True, console="off"))
         self.run.define_metric("train/step")
         self.run.define_metric("train/*", step_metric="train/step")
