@@ -237,3 +237,16 @@ def test_logging_changes_no_stage_or_run_identity(tmp_path, mcq_config, mcq_data
 def test_metric_names_are_safe_for_every_tracker():
     assert trackers.metric_key("eval", "toxigenqa", "group", "lgbtq+ people", "acc") == \
         "eval/toxigenqa/group/lgbtq__people/acc"
+
+
+def test_jobs_in_worker_processes_are_logged_by_the_driver(tmp_path, mcq_config, mcq_data_dir, isolated):
+    """With 2 spawned workers, the driver logs every stage from the records (the workers import no tracker)."""
+    out = tmp_path / "out"
+    cfg = experiment(mcq_config, mcq_data_dir, out, **NO_GATE, executor={"workers": 2, "retries": 0},
+                     logging={"trackers": ["tensorboard"]})
+    assert not quiet_run(cfg).failed
+    for run_id in ("ab-seed0", "ba-seed0"):
+        truth = stored(out, run_id)
+        scalars = tensorboard_scalars(out / "trackers" / "tensorboard" / run_id)
+        assert [v for _, v in scalars["train/loss"]] == pytest.approx(truth["loss"], rel=1e-6)
+        assert len(scalars["eval/mcq_a/acc"]) == 3 and any(k.startswith("final/forgetting/") for k in scalars)
