@@ -89,7 +89,8 @@ def test_bad_typed_or_choice_values_are_one_line(capsys, data):
     else:
         assume(raw not in action.choices)
     required = {"eval": ["--task", "t"], "curvature": ["--task", "t"], "run": ["c.yaml"], "plan": ["c.yaml"],
-                "summarize": ["r"], "report": ["r"], "power": ["r"], "verify": ["r"], "tasks": []}[name]
+                "summarize": ["r"], "report": ["r"], "power": ["r"], "verify": ["r"], "tasks": [],
+                "export": ["r", "--run", "x", "--out", "o"]}[name]
     expect_one_line(capsys, [name, *required, action.option_strings[0], raw] if action.option_strings else [name, raw])
 
 
