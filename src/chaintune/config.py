@@ -205,7 +205,7 @@ class SweepConfig(Strict):
         for key in keys:
             if not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", key):
                 raise ValueError(f"sweep key '{key}' is not a dotted path like training.lr")
-            if key.split(".")[0] in {"sweep", "executor", "output_dir", "name"}:
+            if key.split(".")[0] in {"sweep", "executor", "output_dir", "name", "logging"}:
                 raise ValueError(f"sweep key '{key}' cannot be swept (one output_dir holds the whole sweep)")
         if len(set(keys)) != len(keys):
             raise ValueError("a sweep key appears twice")
@@ -228,6 +228,25 @@ class ExecutorConfig(Strict):
     address: str | None = None  # ray: "auto" or "ray://host:10001"; None starts a local Ray instance
     gpus_per_job: float | None = Field(None, ge=0, le=64, description="ray: GPUs per stage job (default 1 if CUDA)")
     cpus_per_job: float = Field(1, gt=0, le=1024)
+
+
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+class LoggingConfig(Strict):
+    """Experiment trackers that receive each run's curves, evaluations, curvature and forgetting tables (see
+    docs/trackers.md). Not part of any stage or run identity: adding a tracker later logs the stored records."""
+
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    mlflow_tracking_uri: str | None = Field(None, pattern=r"^(file:|sqlite:|https?://|databricks)\S*$",
+                                            description="default: a file store under the run directory")
+    wandb_project: str | None = Field(None, pattern=NAME_PATTERN, description="default: the experiment's name")
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: files under the run directory, no network
+
+    @field_validator("trackers")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
 
 
 class Chain(Strict):
@@ -265,6 +284,7 @@ class ExperimentConfig(Strict):
     quality_gate: QualityGateConfig = QualityGateConfig()
     sweep: SweepConfig | None = None
     executor: ExecutorConfig = ExecutorConfig()
+    logging: LoggingConfig = LoggingConfig()
     # correction of every family of per-group statements in the summaries: holm (family-wise error, Holm 1979) or
     # bh (false discovery rate, Benjamini–Hochberg 1995)
     multiple_comparisons: Literal["holm", "bh"] = "holm"

@@ -23,6 +23,7 @@ from chaintune.io import probe_writable
 from chaintune.rundir import RunDir, RunRecord, check_outside_data
 from chaintune.stage import execute, job_done, stage_examples
 from chaintune.tasks import canonical_task_name, get_task, load_eval_set, register_user_tasks, resolve_data_dir
+from chaintune.trackers import Trackers, check_installed
 from chaintune.weights import checkpoint_ok
 
 
@@ -82,6 +83,7 @@ def prepare_output(points: list[Point]) -> RunDir:
         raise ChaintuneError(f"data file(s) {', '.join(changed)} changed since {out.root} was started",
                              "use a new output_dir (resuming would mix results of both versions), or restore them")
     check_models(points)
+    check_installed(cfg.logging)
     for point in points:
         preflight(point)
     from chaintune.models import pick_device
@@ -128,16 +130,20 @@ def run(experiment: ExperimentConfig | dict[str, Any] | list[Point], executor=No
     out = prepare_output(points)
     own = executor is None
     executor = make_executor(points[0].cfg.executor) if own else executor
+    trackers = Trackers(points[0].cfg.logging, out, plan, echo) if points[0].cfg.logging.trackers else None
     try:
-        failed, jobs_run = _schedule(plan, out, executor, echo, progress)
+        failed, jobs_run = _schedule(plan, out, executor, echo, progress, trackers)
     finally:
         if own:
             executor.shutdown()
-    return _write_outcome(plan, out, failed, jobs_run)
+    outcome = _write_outcome(plan, out, failed, jobs_run)
+    if trackers is not None:
+        trackers.sync()  # the complete runs' forgetting tables, and whatever an earlier run did not send
+    return outcome
 
 
-def _schedule(plan: Plan, out: RunDir, executor, echo: Callable[[str], None], progress: bool
-              ) -> tuple[dict[str, dict[str, Any]], int]:
+def _schedule(plan: Plan, out: RunDir, executor, echo: Callable[[str], None], progress: bool,
+              trackers: Trackers | None = None) -> tuple[dict[str, dict[str, Any]], int]:
     failed: dict[str, dict[str, Any]] = {}
     stored_failures = out.failures()
     pending = pending_jobs(plan, out)
@@ -202,6 +208,8 @@ def _schedule(plan: Plan, out: RunDir, executor, echo: Callable[[str], None], pr
             label = plan.points[job.point].label
             echo(f"  ({jobs_run}/{total}) {job.node.dirname}{' (' + label + ')' if label else ''}"
                  f" done in {info['seconds']:.0f}s")
+            if trackers is not None:
+                trackers.sync(job.node.key)
             release_checkpoints(plan, out, job, pending | set(running.values()))
     return failed, jobs_run
 

@@ -17,6 +17,9 @@ Layout (schema_version 2; directories written by schema 1, which had no `schema_
     results.parquet / results.csv           one tidy table of every run's accuracies
     summary/, report/                       written by `chaintune summarize` / `chaintune report`
     summary/by_<cols>/, report/by_<cols>/   the same, regrouped by metadata columns (`--group-by`)
+    trackers/<tracker>/                     `logging.trackers`: TensorBoard event files (one folder per run), the
+                                            MLflow file store, W&B offline runs; trackers/state.json: what each
+                                            tracker has been sent (stages per run, final tables)
 
 Every write goes through `Folder.path_for_write`, which refuses a path that leaves the resolved output directory
 through a symlinked folder (`RunDir` is a `Folder`; so is a report's folder). Every read goes through a reader that
@@ -284,6 +287,16 @@ class RunDir(Folder):
     def report_folder(self, group_by: Sequence[str] = ()) -> Path:
         """report/, or report/by_<col>[+<col>…]/ for the report regrouped by metadata columns."""
         return self.root / "report" / _by(group_by) if group_by else self.root / "report"
+    def metrics_path(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "metrics.json"
+
+    def tracker_dir(self, tracker: str) -> Path:
+        """Where a tracker writes (TensorBoard: one folder per run below it; MLflow: the file store; W&B: its runs)."""
+        return self.root / "trackers" / tracker
+
+    @property
+    def trackers_state_path(self) -> Path:
+        return self.root / "trackers" / "state.json"
 
     # ------------------------------------------------------------------------------------------------ writers
     def write_record(self, path: Path, record: Record) -> None:
@@ -328,6 +341,15 @@ class RunDir(Folder):
 
     def run(self, run_id: str) -> RunRecord:
         return _parse(RunRecord, self.run_dir(run_id) / "run.json")
+
+    def run_metrics(self, run_id: str) -> dict[str, Any] | None:
+        """runs/<run>/metrics.json (written when the run completed), or None before that."""
+        path = self.metrics_path(run_id)
+        return self._mapping(path, read_json) if path.is_file() else None
+
+    def trackers_state(self) -> dict[str, Any]:
+        path = self.trackers_state_path
+        return self._mapping(path, read_json) if path.is_file() else {}
 
     def run_ids(self) -> list[str]:
         """Every run with a run.json, sorted."""

@@ -288,7 +288,7 @@ def export_run(out: RunDir, record: RunRecord, experiment: str, data_seed: int, 
     curves = run_curves(out, record)
     if curves is not None:
         out.write_table(folder / "train_curves.csv", curves)
-    out.write_json(folder / "metrics.json",
+    out.write_json(out.metrics_path(record.run_id),
                    run_summary(out, record, run_df, preds, data_seed, min_group_size, metrics_by_task))
     out.write_record(folder / "run.json", record)
     return rows
