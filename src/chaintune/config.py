@@ -240,6 +240,7 @@ class ExperimentConfig(Strict):
     keep_checkpoints: bool = True
     curvature: CurvatureConfig | None = None
     eval_max_tokens: int = Field(1024, ge=64, description="tokens per evaluation forward pass")
+    compile: bool = Field(False, description="train through torch.compile (minutes of compilation per stage)")
     min_group_size: int = Field(30, ge=1)
     quality_gate: QualityGateConfig = QualityGateConfig()
     sweep: SweepConfig | None = None
