@@ -108,12 +108,14 @@ def test_lora_chain_runs_and_checkpoints_adapter(tmp_path, tiny_model_dir, real_
 
 
 def test_nan_loss_stops_with_step_and_lr(tmp_path, tiny_model_dir, real_data_dir):
-    cfg = experiment(tmp_path, tiny_model_dir, real_data_dir, training={"lr": 1e30, "batch_size": 4,
-                                                                      "max_grad_norm": None})
+    # lr 1 (the largest allowed) with weight decay 10: each step scales the weights by 1 − 10, so they blow up
+    cfg = experiment(tmp_path, tiny_model_dir, real_data_dir, training={"lr": 1, "weight_decay": 10, "epochs": 3,
+                                                                      "batch_size": 4, "max_grad_norm": None})
     outcome = chaintune.run(cfg, echo=lambda *_: None, progress=False)
     failure = next(f for f in outcome.failed.values() if f["node"].startswith("s1-"))  # stage 2: not run
-    assert failure["error"].startswith(DivergedError.__name__) and re.search(r"at step \d+/\d+ \(lr=1e\+30\)",
+    assert failure["error"].startswith(DivergedError.__name__) and re.search(r"at step \d+/\d+ \(lr=1\)",
                                                                          failure["error"])
+    assert failure["attempts"] == 1  # an input error: not retried
 
 
 def _kill_mid_stage(cmd: list[str], out: Path, timeout: float = 120) -> bool:

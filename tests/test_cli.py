@@ -9,7 +9,10 @@ from chaintune.cli import main
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse: usage errors (one line, exit 2) and --help
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -29,6 +32,7 @@ def test_tasks_lists_all_tasks_with_sizes_and_groups(capsys, real_data_dir):
     for fragment in ("toxigenqa", "bbq", "arc_easy", "arc_challenge", "cqa", "cqa2", "7169", "1791", "9244", "2712",
                      "1172", "1221", "9264", "2541", "2249", "women", "Religion", "Sexual_orientation"):
         assert fragment in out, fragment
+    assert "2249.00" not in out and ".00 " not in out  # split sizes are counts, not floats (issue 19)
 
 
 def test_eval_writes_json_and_predictions(capsys, tmp_path, tiny_model_dir, real_data_dir):
@@ -45,7 +49,7 @@ def test_eval_writes_json_and_predictions(capsys, tmp_path, tiny_model_dir, real
     (["eval", "--task", "nope", "--limit", "2"], ["unknown task 'nope'", "toxigenqa"]),
     (["eval", "--task", "toxigenqa", "--data-dir", "/does/not/exist"], ["data directory", "--data-dir"]),
     (["eval", "--task", "toxigenqa", "--limit", "2", "--model", "/no/such/model"], ["does not exist", "--model"]),
-    (["eval", "--task", "toxigenqa", "--limit", "0"], ["limit must be a positive number"]),
+    (["eval", "--task", "toxigenqa", "--limit", "0"], ["--limit: 0 is out of range", "≥ 1"]),
     (["eval", "--task", "arc_challenge", "--split", "train"], ["no 'train' split", "arc_easy"]),
     (["run", "/no/such/config.yaml"], ["config file", "does not exist"]),
     (["summarize", "/no/such/run"], ["does not exist"]),
@@ -135,7 +139,9 @@ def test_summarize_and_report_of_user_tasks_in_a_fresh_process(tmp_path, mcq_exp
     import chaintune
 
     out = tmp_path / "out"
-    outcome = chaintune.run(mcq_experiment(out), echo=lambda *_: None, progress=False)
+    # the tiny random model learns nothing: with the quality gate its run would (rightly) leave every table empty
+    cfg = mcq_experiment(out, quality_gate={"validation_size": 0})
+    outcome = chaintune.run(cfg, echo=lambda *_: None, progress=False)
     assert not outcome.failed and outcome.completed_runs == ["ab-seed0"]
     script = (f"from chaintune.cli import main; import sys; sys.exit(main(['summarize', {str(out)!r}]) or "
               f"main(['report', {str(out)!r}]))")

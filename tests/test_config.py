@@ -71,3 +71,10 @@ def test_shipped_configs_validate():
     assert len(paths) >= 6
     for path in paths:
         assert load_sweep(path)  # every sweep point validates
+
+
+def test_multiple_comparisons_correction():
+    assert validate_config(BASE).multiple_comparisons == "holm"
+    assert validate_config(BASE | {"multiple_comparisons": "bh"}).multiple_comparisons == "bh"
+    with pytest.raises(ConfigError, match="multiple_comparisons"):
+        validate_config(BASE | {"multiple_comparisons": "bonferroni"})

@@ -550,6 +550,8 @@ def test_hf_fallback_drops_train_records_that_duplicate_test(monkeypatch):
     monkeypatch.setattr(tasks_base, "default_data_dir", lambda: None)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr("chaintune.hub.reachable", lambda: True)  # the fake below answers, whatever the network
     monkeypatch.setattr(tasks_builtin, "_hf_dataset", lambda *args, **kwargs: fake)
     try:
         splits = load_splits("cqa", seed=918273)  # a seed no other test uses: its cache entry is this fake

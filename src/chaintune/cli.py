@@ -1,15 +1,27 @@
-"""Command-line interface: `chaintune tasks | eval | curvature | plan | run | summarize | report | verify`."""
+"""Command-line interface: `chaintune tasks | eval | curvature | plan | run | summarize | report | power | verify`."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from chaintune.errors import ChaintuneError
+from chaintune.errors import ChaintuneError, one_line
+from chaintune.options import (add_file_task_options, check_output_file, int_list, like_field, number, save_results,
+                               task_from_args)
 
 EXIT_USAGE = 2
+EXIT_BUG = 70  # an exception that is not a ChaintuneError: a bug in chaintune
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), like every other error of the CLI."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"chaintune: error: {one_line(message)} — see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 def _console():
@@ -29,7 +41,7 @@ def print_frame(df, title: str, std: bool = False) -> None:
     shown, numeric = display_frame(df, std=std)
     table = Table(title=title, title_justify="left", header_style="bold")
     for col in shown.columns:
-        table.add_column(str(col), justify="right" if col in numeric else "left")
+        table.add_column(str(col), justify="right" if col in numeric else "left", overflow="fold")  # never cut
     for row in shown.itertuples(index=False):
         table.add_row(*[escape(v) for v in row])  # "[lr=1e-05]" is data, not rich markup
     _console().print(table)
@@ -60,26 +72,44 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_task_output(args: argparse.Namespace, default_output: str | None):
+    """Check every argument of eval/curvature before loading data or weights: device, model, adapter, data dir,
+    task (a user file is registered), output path. Returns (task, data dir, output path or None)."""
+    from chaintune.models import adapter_folder, pick_device, resolve_model_path
+    from chaintune.tasks import get_task, resolve_data_dir
+
+    pick_device(args.device)
+    resolve_model_path(args.model)
+    if args.adapter:
+        adapter_folder(args.adapter)
+    data_dir = resolve_data_dir(args.data_dir)
+    task = task_from_args(args)
+    output = args.output or (default_output.format(task=task) if default_output else None)
+    if output is not None:
+        output = check_output_file(Path(output), data_dir, get_task(task).data_files, "--output")
+    return task, data_dir, output
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from chaintune.stage import predictions_frame
     from chaintune.evaluate import evaluate
     from chaintune.io import write_json, write_table
-    from chaintune.tasks import canonical_task_name, load_task, resolve_data_dir
+    from chaintune.tasks import load_task
 
-    task = canonical_task_name(args.task)
-    examples = load_task(task, args.split, resolve_data_dir(args.data_dir), limit=args.limit, seed=args.seed)
+    task, data_dir, out = _model_task_output(args, f"eval-{{task}}-{args.split}.json")
+    examples = load_task(task, args.split, data_dir, limit=args.limit, seed=args.seed)
     model, tokenizer = _load_for_cli(args)
     result = evaluate(model, tokenizer, examples, task, progress=not args.no_progress, max_tokens=args.batch_tokens)
     rows = [{"group": "ALL", "n": result.n, "acc": result.acc, "acc_norm": result.acc_norm}]
     rows += [{"group": g, **v} for g, v in result.per_group.items()]
     print_frame(pd.DataFrame(rows)[["group", "n", "acc", "acc_norm"]], f"{task} ({args.split}, {result.n} questions)")
-    out = Path(args.output or f"eval-{task}-{args.split}.json")
-    write_json(out, result.summary() | {"model": args.model or "embedded SmolLM2-135M-Instruct", "split": args.split,
-                                        "limit": args.limit})
-    write_table(out.with_suffix(".predictions.parquet"), predictions_frame(result))
-    _console().print(f"wrote {out} and {out.with_suffix('.predictions.parquet')}")
+    summary = result.summary() | {"model": args.model or "embedded SmolLM2-135M-Instruct", "split": args.split,
+                                  "limit": args.limit}
+    written = save_results({out: lambda p: write_json(p, summary),
+                            out.with_suffix(".predictions.parquet"): lambda p: write_table(p, predictions_frame(result))})
+    _console().print(f"wrote {' and '.join(map(str, written))}")
     return 0
 
 
@@ -150,30 +180,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _load_for_cli(args: argparse.Namespace, trainable_adapter: bool = False):
-    from chaintune.models import load_model
+    from chaintune.models import load_adapter, load_model
 
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code)
     if args.adapter:
-        from peft import PeftModel
-
-        if not Path(args.adapter).is_dir():
-            raise ChaintuneError(f"adapter directory '{args.adapter}' does not exist", "check --adapter")
-        model = PeftModel.from_pretrained(model, args.adapter, is_trainable=trainable_adapter)
-        if not trainable_adapter:
-            model = model.merge_and_unload().eval()
+        model = load_adapter(model, args.adapter, trainable=trainable_adapter)
     return model, tokenizer
 
 
 def cmd_curvature(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from chaintune.curvature import measure_curvature
+    from chaintune.curvature import measure_curvature, sign_note
     from chaintune.io import write_json
-    from chaintune.tasks import canonical_task_name, load_task, resolve_data_dir
+    from chaintune.tasks import load_task
 
-    task = canonical_task_name(args.task)
-    examples = load_task(task, args.split, resolve_data_dir(args.data_dir))
+    task, data_dir, out = _model_task_output(args, None)
+    examples = load_task(task, args.split, data_dir)
     model, tokenizer = _load_for_cli(args, trainable_adapter=True)
     if not args.adapter:
         model.requires_grad_(True)
@@ -188,8 +212,11 @@ def cmd_curvature(args: argparse.Namespace) -> int:
     if result.trace is not None:
         row["trace"] = f"{result.trace:.4g} ± {result.trace_std_error:.2g}"
     print_frame(pd.DataFrame([row]), "Hessian curvature of the mean answer-token loss")
-    if args.output:
-        write_json(args.output, vars(result) | {"task": task, "model": args.model, "adapter": args.adapter})
+    if sign_note(result.lambda_max):
+        _console().print(sign_note(result.lambda_max).strip(" ()"))
+    if out is not None:
+        record = vars(result) | {"task": task, "model": args.model, "adapter": args.adapter}
+        save_results({out: lambda p: write_json(p, record)})
     return 0
 
 
@@ -202,17 +229,20 @@ def summarize(out_dir: Path) -> int:
     if not out_dir.is_dir():
         raise ChaintuneError(f"run directory '{out_dir}' does not exist", "pass the output_dir of a `chaintune run`")
     out = RunDir(out_dir)
+    out.path_for_write(out.summary_dir / "summary.md")  # a symlinked summary/ fails before any work
     runs = load_runs(out)
     tables = summary_tables(runs)
     titles = {"stage_gate": "Stage quality gate: each stage's held-out validation accuracy (pp) vs its baselines",
               "excluded_runs": "Runs left out of every table below: a stage failed its quality gate",
               "learning_gain": "Learning gain of each stage on its own task (pp; must be > 0)",
               "forgetting": "Forgetting F and relative forgetting RF (%) of earlier stages' tasks after the last stage",
-              "order_asymmetry": "Order asymmetry: RF(A→B) vs RF(B→A), Welch test over seeds",
+              "order_asymmetry": "Order asymmetry: RF(A→B) vs RF(B→A), seed × question interval, Welch and permutation "
+                                 "tests",
               "group_forgetting": "Per-group forgetting F_g and biased forgetting BF_g = F_g − F (pp)",
               "biased_forgetting": "Biased-forgetting summaries (groups with n < min_group_size excluded)",
               "bbq_bias": "BBQ bias scores (−100…100) per stage",
-              "curvature": "Hessian λ_max of the training loss after the stage (trainable parameters)",
+              "curvature": "Hessian λ_max of the training loss after the stage (trainable parameters; the eigenvalue "
+                           "of largest magnitude: negative = strongest curvature downward)",
               "curvature_vs_forgetting": "Does curvature predict later forgetting? (across runs)",
               "replay": "Replay: recovery of forgotten safety accuracy (1 = all) and capability cost (pp)",
               "replay_groups": "Replay recovery per group"}
@@ -235,11 +265,48 @@ def cmd_summarize(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from chaintune.report import write_report
+    from chaintune.rundir import check_outside_data
+    from chaintune.tasks import resolve_data_dir
 
-    out = Path(args.out) if args.out else None
-    fmt = args.format or ("md" if out is not None and out.suffix == ".md" else "html")
-    path = write_report(Path(args.run_dir), out, fmt=fmt)
+    out = Path(args.out).expanduser() if args.out else None
+    if out is not None:
+        if out.suffix in (".html", ".md") or out.is_file():
+            raise ChaintuneError(f"--out '{out}' names a file; --out takes a folder (the report, figures/ and tables/ "
+                                 "all go inside it)", f"pass --out {out.with_suffix('')} (and --format md for Markdown)")
+        check_outside_data(out, resolve_data_dir(None), what="--out")
+    path = write_report(Path(args.run_dir), out, fmt=args.format or "html")
     _console().print(f"report written to {path} (figures/ and tables/ beside it)")
+    return 0
+
+
+def cmd_power(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from chaintune.analysis.power import Targets, plan_power
+    from chaintune.formatting import format_number, format_seconds
+
+    targets = Targets(args.order, args.spread, args.recovery, args.alpha, args.power, args.seeds)
+    plan = plan_power(args.run_dir, targets)
+    f = plan.findings
+    shown = f[["finding", "subject", "estimate", "seeds", "questions", "se"]].assign(**{
+        "seed / question / residual %": [f"{100 * a:.0f} / {100 * b:.0f} / {100 * c:.0f}" for a, b, c in
+                                         zip(f.seed_share, f.question_share, f.residual_share)],
+        "level": f.level, f"MDE at {100 * args.power:g}% power": f.mde, "target": f.target,
+        "power at target": f.power_at_target, "CPU time": [format_seconds(3600 * h) for h in f.cpu_hours]})
+    print_frame(shown, f"Minimal detectable effects of {args.run_dir}'s design (two-sided, seed × question variance)")
+    if not plan.designs.empty:
+        rows = []
+        for (finding, subject), part in plan.designs.groupby(["finding", "subject"], sort=False):
+            row = {"finding": finding, "subject": subject, "target": part.target.iloc[0]}
+            for d in part.itertuples():
+                row[f"{d.seeds} seeds"] = (f"×{d.question_factor:.2g} = {d.questions} q, "
+                                           f"{format_seconds(3600 * d.cpu_hours)}" if d.questions
+                                           else f"— (power {format_number(d.power)})")
+            rows.append(row)
+        print_frame(pd.DataFrame(rows), f"Test questions (× the pilot's, all test sets of the finding) and CPU time "
+                                        f"to detect each target with {100 * args.power:g}% power")
+    print_frame(plan.speeds, "Measured speeds of the pilot")
+    _console().print("\n".join(plan.notes))
     return 0
 
 
@@ -258,14 +325,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chaintune", description="Chained fine-tuning and (biased) forgetting.")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    parser = Parser(prog="chaintune", description="Chained fine-tuning and (biased) forgetting.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks, warnings and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def data_dir_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", help="folder with the benchmark files (default: $CHAINTUNE_DATA_DIR, else "
                                           "../shared/data when present, else the Hugging Face hub when online)")
 
+    def progress_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars (chaintune's and those of "
+                                                                   "transformers and the Hugging Face hub)")
+
+    seed = like_field("config:ExperimentConfig.data_seed")
     p = sub.add_parser("tasks", help="list tasks with split sizes and groups")
     data_dir_arg(p)
     p.set_defaults(func=cmd_tasks)
@@ -273,33 +345,43 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="HF model id, local model directory or .gguf file (default: embedded "
                                        "SmolLM2-135M)")
-        p.add_argument("--task", required=True, help="task name (see `chaintune tasks`)")
+        p.add_argument("--task", required=True, help="task name (see `chaintune tasks`), or a JSONL/CSV file of "
+                                                     "multiple-choice questions (see the column options below)")
         p.add_argument("--adapter", help="LoRA adapter directory (a stage checkpoint) applied to the model")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
         p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
         data_dir_arg(p)
+        progress_arg(p)
+        add_file_task_options(p)
 
     p = sub.add_parser("eval", help="score one task with a model (log-likelihood multiple choice)")
     model_args(p)
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split to score")
-    p.add_argument("--limit", type=int, help="score at most N questions (seeded, stratified by group)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subsample")
-    p.add_argument("--output", help="JSON summary path (predictions go next to it as .predictions.parquet)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--batch-tokens", type=int, default=1024, help="tokens per forward pass (memory vs speed)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                   help="split to score (a file without a split column: its seeded test share, see --test-fraction)")
+    p.add_argument("--limit", type=like_field("config:TaskSettings.eval_limit"),
+                   help="score at most N questions (seeded, stratified by group)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the --limit subsample")
+    p.add_argument("--output", help="JSON summary path (predictions go next to it as .predictions.parquet; default "
+                                    "eval-TASK-SPLIT.json)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--batch-tokens", type=like_field("config:ExperimentConfig.eval_max_tokens"), default=1024,
+                   help="tokens per forward pass (memory vs speed)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("curvature", help="Hessian λ_max (top-k, trace) of a task's training loss for a checkpoint")
     model_args(p)
     p.add_argument("--split", default="train", choices=["train", "validation", "test"], help="data for the loss")
-    p.add_argument("--examples", type=int, default=512, help="seeded subset size (SPEC default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset and the start vector")
-    p.add_argument("--topk", type=int, default=1, help="also the top-k eigenvalues by Lanczos when > 1")
+    p.add_argument("--examples", type=like_field("config:CurvatureConfig.examples"), default=512,
+                   help="seeded subset size (SPEC default 512)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the subset and the start vector")
+    p.add_argument("--topk", type=like_field("config:CurvatureConfig.topk"), default=1,
+                   help="also the top-k eigenvalues by Lanczos when > 1")
     p.add_argument("--trace", action="store_true", help="also a Hutchinson trace estimate")
-    p.add_argument("--micro-batch", type=int, default=8, help="examples per HVP micro-batch (memory)")
+    p.add_argument("--micro-batch", type=like_field("config:CurvatureConfig.micro_batch"), default=8,
+                   help="examples per HVP micro-batch (memory)")
     p.add_argument("--method", default="lanczos", choices=["lanczos", "power"], help="λ_max solver")
-    p.add_argument("--graph-budget-mib", type=float, default=0.0,
+    p.add_argument("--graph-budget-mib", type=number(float, ge=0, le=2**30), default=0.0,
                    help="MiB of first-order graphs kept between HVPs (0: recompute them, least memory)")
     p.add_argument("--output", help="write the result as JSON")
     p.set_defaults(func=cmd_curvature, dtype="float32")
@@ -312,16 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run (or resume) an experiment or sweep from a YAML config")
     config_args(p)
     p.add_argument("--executor", choices=["local", "ray"], help="where stage jobs run (default: config, else local)")
-    p.add_argument("--workers", type=int, help="local: parallel worker processes (one per GPU when GPUs exist)")
+    p.add_argument("--workers", type=like_field("config:ExecutorConfig.workers"),
+                   help="local: parallel worker processes (one per GPU when GPUs exist)")
     p.add_argument("--address", help="ray: cluster address, e.g. auto (default: start a local Ray instance)")
-    p.add_argument("--retries", type=int, help="re-runs of a failed stage job (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--retries", type=like_field("config:ExecutorConfig.retries"),
+                   help="re-runs of a failed stage job (default 1; errors caused by the input are not retried)")
+    progress_arg(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("plan", help="list an experiment's or sweep's runs: done, failed, stage counts, time left")
     config_args(p)
-    p.add_argument("--tokens-per-second", type=float, help="training throughput for the estimate before any "
-                                                          "stage has finished")
+    p.add_argument("--tokens-per-second", type=number(float, gt=0, le=1e12),
+                   help="training throughput for the estimate before any stage has finished")
     p.add_argument("--all", action="store_true", help="list every run (default: the first 40)")
     p.set_defaults(func=cmd_plan)
 
@@ -331,35 +415,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write an HTML (or Markdown) report with figures and tables of a run or sweep")
     p.add_argument("run_dir", help="an experiment output_dir, or a folder of several experiments (a sweep)")
-    p.add_argument("--out", help="report file or folder (default: RUN_DIR/report/report.html)")
-    p.add_argument("--format", choices=["html", "md"], help="html (self-contained) or md (default: from --out, else html)")
+    p.add_argument("--out", metavar="FOLDER", help="folder for the report file, figures/ and tables/ (default: "
+                                                   "RUN_DIR/report/)")
+    p.add_argument("--format", choices=["html", "md"], help="html (self-contained, the default) or md")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("power", help="variance components, minimal detectable effects and the seeds × test "
+                                     "questions (and CPU time) needed to detect target effects, from a pilot run")
+    p.add_argument("run_dir", help="the output_dir of a finished pilot run or sweep (>= 2 seeds per chain)")
+    p.add_argument("--order", type=number(float, gt=0, le=1000), default=5.0,
+                   help="order difference to detect (points of RF, default 5)")
+    p.add_argument("--spread", type=number(float, gt=0, le=200), default=10.0, help="BF_spread to detect (pp, default 10)")
+    p.add_argument("--recovery", type=number(float, gt=0, le=100), default=0.5,
+                   help="replay recovery to detect (fraction, default 0.5)")
+    p.add_argument("--alpha", type=number(float, gt=0, lt=1), default=0.05, help="two-sided test level (default 0.05)")
+    p.add_argument("--power", type=number(float, gt=0, lt=1), default=0.8, help="power to reach (default 0.8)")
+    p.add_argument("--seeds", type=int_list(ge=2, le=10000), default=(3, 5, 8, 10, 15, 20),
+                   help="numbers of seeds per chain to plan for (comma-separated, default 3,5,8,10,15,20)")
+    p.set_defaults(func=cmd_power)
 
     p = sub.add_parser("verify", help="re-evaluate a run's stored checkpoints and confirm its stored accuracies "
                                       "(exit 0: all reproduced, 1: a mismatch or corrupt checkpoint, 3: some "
                                       "checkpoints released)")
     p.add_argument("run_dir", help="an experiment output_dir")
     p.add_argument("--device", help="cpu, cuda, ... (default: the run's config)")
-    p.add_argument("--tolerance", type=float, default=1.0,
+    p.add_argument("--tolerance", type=number(float, ge=0, le=100), default=1.0,
                    help="allowed accuracy difference (pp) when the device, dtype or torch version differ from the "
                         "run's; in the same environment every prediction must match exactly")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom model code (the run's own trust_remote_code setting is ignored)")
     data_dir_arg(p)
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    progress_arg(p)
     p.set_defaults(func=cmd_verify)
     return parser
+
+
+def quiet(debug: bool, progress: bool) -> None:
+    """Third-party chatter off unless --debug (warnings, transformers logs), and with --no-progress every progress
+    bar: in this process and, through the environment, in the worker processes it starts."""
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # spawned workers: e.g. a deprecation warning per LoRA stage
+        import warnings
+
+        warnings.filterwarnings("ignore")
+    if not progress:
+        os.environ["TQDM_DISABLE"] = os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:  # imported already (the Python API, tests): switch its bars off too
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
-    if not args.debug:
-        import os
-        import warnings
-
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        warnings.filterwarnings("ignore")
+    quiet(args.debug, progress=not getattr(args, "no_progress", False))
     try:
         return args.func(args)
     except ChaintuneError as exc:
@@ -370,6 +481,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("chaintune: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `chaintune tasks | head -1`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:  # noqa: BLE001 — the last boundary: one line, never a traceback, unless --debug
+        if args.debug:
+            raise
+        text = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"chaintune: internal error: {type(exc).__name__}: {one_line(text)} — this is a bug in chaintune; rerun "
+              "with --debug for the traceback and report it", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Sequence, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from chaintune.errors import ConfigError
+from chaintune.errors import ConfigError, one_line, validation_problems
 from chaintune.names import NAME_PATTERN
 
 
@@ -31,9 +32,13 @@ class Strict(BaseModel):
         return value
 
 
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # seeds become folder names and RNG seeds: 32-bit, non-negative
+STEPS = 10**7  # upper bound of step and example counts: finite work, no overflow deep inside a run
+
+
 class LoraConfig(Strict):
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16, gt=0)
+    r: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16, gt=0, le=1e6)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -42,25 +47,27 @@ class TrainingConfig(Strict):
     """Hyper-parameters of one stage (SPEC.md §4). Effective batch = batch_size × grad_accum examples."""
 
     method: Literal["full", "lora"] = "full"
-    lr: float = Field(1e-5, ge=0)
-    batch_size: int = Field(16, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1)
+    lr: float = Field(1e-5, ge=0, le=1, description="AdamW learning rate (above 1 it only diverges)")
+    batch_size: int = Field(16, ge=1, le=65536)
+    grad_accum: int = Field(1, ge=1, le=65536)
+    epochs: float = Field(1.0, gt=0, le=1000)
+    max_steps: int | None = Field(None, ge=1, le=STEPS)
     scheduler: Literal["constant", "linear", "cosine"] = "constant"  # after warmup: constant, or decay to 0
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=STEPS)
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="warmup as a fraction of the stage's steps")
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6)
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
-    max_length: int = Field(512, ge=8)
+    max_length: int = Field(512, ge=8, le=2**20)
     optimizer: Literal["adamw", "sam"] = "adamw"  # sam: sharpness-aware minimisation around AdamW
-    sam_rho: float = Field(0.05, gt=0, description="SAM neighbourhood radius")
-    l2_prev: float = Field(0.0, ge=0, description="coefficient of (λ/2)·‖θ − θ_stage_start‖² (L2 to previous weights)")
+    sam_rho: float = Field(0.05, gt=0, le=10, description="SAM neighbourhood radius")
+    l2_prev: float = Field(0.0, ge=0, le=1e6,
+                           description="coefficient of (λ/2)·‖θ − θ_stage_start‖² (L2 to previous weights)")
     lora: LoraConfig = LoraConfig()
-    checkpoint_every: int = Field(100, ge=1, description="optimizer steps between mid-stage resume checkpoints")
+    checkpoint_every: int = Field(100, ge=1, le=STEPS, description="optimizer steps between mid-stage resume checkpoints")
     select_best: bool = Field(False, description="end the stage at the step with the lowest validation loss")
-    eval_every: int | None = Field(None, ge=1, description="steps between validation losses (default: ~10 per stage)")
+    eval_every: int | None = Field(None, ge=1, le=STEPS,
+                                   description="steps between validation losses (default: ~10 per stage)")
 
     @model_validator(mode="after")
     def _one_warmup(self) -> "TrainingConfig":
@@ -89,8 +96,8 @@ def training_identity(training: TrainingConfig) -> dict[str, Any]:
 class TaskSettings(Strict):
     """Per-task data limits: how many train examples a stage uses and how many test questions are scored."""
 
-    train_limit: int | None = Field(None, ge=1)
-    eval_limit: int | None = Field(None, ge=1)
+    train_limit: int | None = Field(None, ge=1, le=10**9)
+    eval_limit: int | None = Field(None, ge=1, le=10**9)
 
 
 class ReplayConfig(Strict):
@@ -117,6 +124,10 @@ class Stage(Strict):
         if unknown:
             raise ValueError(f"unknown stage key(s) {sorted(unknown)}; a stage takes task, name, replay and "
                              f"training keys ({', '.join(sorted(TRAINING_FIELDS))})")
+        try:  # each override alone: TrainingConfig has no checks across fields
+            self.training(TrainingConfig())
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"{loc}: {msg}" for loc, msg in validation_problems(exc))) from None
         return self
 
     def training(self, defaults: TrainingConfig) -> TrainingConfig:
@@ -133,9 +144,9 @@ class QualityGateConfig(Strict):
     same for every seed, never trained on) and is **failed** when its loss diverged, when its validation accuracy
     is below the task's majority-class baseline, or when it gained less than `min_gain` pp on that slice."""
 
-    validation_size: int = Field(64, ge=0, description="held-out train examples per stage task (0: no gate)")
+    validation_size: int = Field(64, ge=0, le=10**6, description="held-out train examples per stage task (0: no gate)")
     min_gain: float = Field(0.0, ge=-100, le=100, description="pp of validation accuracy the stage must gain")
-    divergence_factor: float = Field(1.5, gt=1, description="diverged: last-10%-of-steps mean loss > factor × first")
+    divergence_factor: float = Field(1.5, gt=1, le=1e6, description="diverged: last-10%-of-steps mean loss > factor × first")
     on_failed_stage: Literal["flag", "retry", "stop"] = "flag"  # retry: a new training seed; stop: no later stages
     max_attempts: int = Field(3, ge=1, le=20, description="retry: training attempts per stage, the first included")
 
@@ -157,17 +168,18 @@ class CurvatureConfig(Strict):
     """Hessian curvature of the training loss after selected stages (SPEC.md §6)."""
 
     after: list[str] = ["first"]  # stage names/labels (e.g. "toxigenqa"), "first" (stage 1) or "all"
-    examples: int = Field(512, ge=1, description="examples per subset, from the stage's training data")
+    examples: int = Field(512, ge=1, le=10**6, description="examples per subset, from the stage's training data")
     subsets: int = Field(4, ge=1, le=64, description="disjoint example subsets, λ_max on each (interval over them)")
-    disagreement: float = Field(2.0, gt=1, description="warn when the subsets' largest / smallest λ_max exceeds this")
-    topk: int = Field(1, ge=1, description="eigenvalues by Lanczos when > 1")
+    disagreement: float = Field(2.0, gt=1, le=1e6,
+                                description="warn when the subsets' largest / smallest λ_max exceeds this")
+    topk: int = Field(1, ge=1, le=100, description="eigenvalues by Lanczos when > 1")
     trace: bool = False
-    trace_samples: int = Field(50, ge=2)
-    micro_batch: int = Field(8, ge=1)
-    tol: float = Field(1e-3, gt=0)
-    max_iter: int = Field(100, ge=1)
+    trace_samples: int = Field(50, ge=2, le=10**5)
+    micro_batch: int = Field(8, ge=1, le=65536)
+    tol: float = Field(1e-3, gt=0, le=1)
+    max_iter: int = Field(100, ge=1, le=10**4)
     method: Literal["lanczos", "power"] = "lanczos"  # λ_max solver (Lanczos needs fewer HVPs)
-    graph_budget: float = Field(0, ge=0, description="bytes of first-order graphs kept between HVPs (0: recompute)")
+    graph_budget: float = Field(0, ge=0, le=2**50, description="bytes of first-order graphs kept between HVPs (0: recompute)")
 
     def wants(self, stage_index: int, stage: "Stage") -> bool:
         return ("all" in self.after or ("first" in self.after and stage_index == 1)
@@ -207,17 +219,18 @@ class ExecutorConfig(Strict):
     """Where stage jobs run: `local` (in this process, or N worker processes) or an existing/new `ray` cluster."""
 
     kind: Literal["local", "ray"] = "local"
-    workers: int = Field(1, ge=1, description="local: concurrent worker processes (one per GPU when GPUs exist)")
-    retries: int = Field(1, ge=0, description="re-runs of a failed stage job (crash, OOM, NaN, killed worker)")
+    workers: int = Field(1, ge=1, le=1024, description="local: concurrent worker processes (one per GPU when GPUs exist)")
+    retries: int = Field(1, ge=0, le=100, description="re-runs of a failed stage job (crash, OOM, killed worker; "
+                                                      "errors caused by the input are not retried)")
     address: str | None = None  # ray: "auto" or "ray://host:10001"; None starts a local Ray instance
-    gpus_per_job: float | None = Field(None, ge=0, description="ray: GPUs per stage job (default 1 if CUDA)")
-    cpus_per_job: float = Field(1, gt=0)
+    gpus_per_job: float | None = Field(None, ge=0, le=64, description="ray: GPUs per stage job (default 1 if CUDA)")
+    cpus_per_job: float = Field(1, gt=0, le=1024)
 
 
 class Chain(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     stages: list[Stage] = Field(min_length=1)
-    seeds: list[int] | None = None  # a subset of the experiment's seeds (default: all of them)
+    seeds: list[Seed] | None = None  # a subset of the experiment's seeds (default: all of them)
     eval_tasks: list[str] | None = None  # tasks scored after each stage of this chain (default: the experiment's)
 
 
@@ -228,10 +241,10 @@ class ExperimentConfig(Strict):
     data_dir: str | None = None
     output_dir: str = "runs/experiment"
     device: str = "auto"
-    dtype: str = "auto"
-    seeds: list[int] = Field([0], min_length=1)
-    split_seed: int = 0
-    data_seed: int = 0  # seeds the train_limit / eval_limit subsamples (the same questions for every run)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    seeds: list[Seed] = Field([0], min_length=1)
+    split_seed: Seed = 0
+    data_seed: Seed = 0  # seeds the train_limit / eval_limit subsamples (the same questions for every run)
     custom_tasks: list[dict[str, Any]] = []  # user MCQ datasets, see chaintune.tasks.UserTaskSpec
     tasks: dict[str, TaskSettings] = {}
     eval_tasks: list[str] | None = None  # default: every task named in tasks or chains
@@ -239,12 +252,15 @@ class ExperimentConfig(Strict):
     chains: list[Chain] = Field(min_length=1)
     keep_checkpoints: bool = True
     curvature: CurvatureConfig | None = None
-    eval_max_tokens: int = Field(1024, ge=64, description="tokens per evaluation forward pass")
+    eval_max_tokens: int = Field(1024, ge=64, le=2**24, description="tokens per evaluation forward pass")
     compile: bool = Field(False, description="train through torch.compile (minutes of compilation per stage)")
-    min_group_size: int = Field(30, ge=1)
+    min_group_size: int = Field(30, ge=1, le=10**9)
     quality_gate: QualityGateConfig = QualityGateConfig()
     sweep: SweepConfig | None = None
     executor: ExecutorConfig = ExecutorConfig()
+    # correction of every family of per-group statements in the summaries: holm (family-wise error, Holm 1979) or
+    # bh (false discovery rate, Benjamini–Hochberg 1995)
+    multiple_comparisons: Literal["holm", "bh"] = "holm"
 
     @field_validator("seeds")
     @classmethod
@@ -253,16 +269,33 @@ class ExperimentConfig(Strict):
             raise ValueError("seeds must be unique")
         return v
 
-    @model_validator(mode="after")
-    def _check_names(self) -> "ExperimentConfig":
-        from chaintune.tasks import builtin_task_names, get_task, parse_user_task
+    @field_validator("custom_tasks")
+    @classmethod
+    def _user_tasks(cls, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each spec checked (without registering it), its file's path made absolute: the run directory records
+        where the data is, and commands run later from another folder find it."""
+        from chaintune.errors import ChaintuneError
+        from chaintune.tasks import builtin_task_names, parse_user_task
 
-        custom = [parse_user_task(spec).name for spec in self.custom_tasks]
-        taken = sorted(set(custom) & builtin_task_names())
+        names = []
+        for i, spec in enumerate(specs):
+            try:
+                names.append(parse_user_task(spec).name)
+            except ChaintuneError as exc:
+                raise ValueError(f"custom_tasks.{i}: {exc.problem}") from None
+        taken = sorted(set(names) & builtin_task_names())
         if taken:
             raise ValueError(f"user task name '{taken[0]}' is taken by a built-in task; choose another name")
-        if len(set(custom)) != len(custom):
-            raise ValueError(f"custom_tasks name a task twice ({sorted({c for c in custom if custom.count(c) > 1})})")
+        if len(set(names)) != len(names):
+            raise ValueError(f"custom_tasks name a task twice ({sorted({n for n in names if names.count(n) > 1})})")
+        return [spec | {"path": os.path.abspath(spec["path"])} if isinstance(spec.get("path"), (str, os.PathLike))
+                else spec for spec in specs]
+
+    @model_validator(mode="after")
+    def _check_names(self) -> "ExperimentConfig":
+        from chaintune.tasks import get_task
+
+        custom = [str(spec["name"]) for spec in self.custom_tasks]
         names = [c.name for c in self.chains]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
@@ -274,12 +307,12 @@ class ExperimentConfig(Strict):
             if chain.seeds is not None and not set(chain.seeds) <= set(self.seeds):
                 raise ValueError(f"chain '{chain.name}': seeds {chain.seeds} are not all in the experiment's seeds "
                                  f"{self.seeds}")
-        for c, chain in enumerate(self.chains):
-            for i, stage in enumerate(chain.stages):
-                try:
-                    stage.training(self.training)
-                except ValidationError as exc:
-                    raise ValueError(f"chains.{c}.stages.{i}: {_format_validation_error(exc)}") from None
+        if self.curvature is not None:  # a misspelt stage would silently measure nothing
+            known = {"first", "all"} | {x for c in self.chains for s in c.stages for x in (s.label, s.task)}
+            unknown = [a for a in self.curvature.after if a not in known]
+            if unknown:
+                raise ValueError(f"curvature.after names no stage: {unknown[0]!r} (use first, all, or a stage's name "
+                                 "or task)")
         return self
 
     @model_validator(mode="after")
@@ -315,15 +348,44 @@ class ExperimentConfig(Strict):
         return self.tasks.get(task, TaskSettings())
 
 
-def _format_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)
+def _override_of(loc: str, overrides: Sequence[str]) -> str | None:
+    """The `--set` text whose key path contains the location `loc` (or lies inside it), if any."""
+    path = loc.split(".")
+    for text in overrides:
+        key = text.split("=", 1)[0].split(".")
+        if path[:len(key)] == key or key[:len(path)] == path:
+            return f"--set {text}"
+    return None
+
+
+def _blamed(problems: list[tuple[str, str]], source: str, overrides: Sequence[str]) -> tuple[str, bool]:
+    """Every (location, message) problem with what caused it — the `--set` override on whose key path it lies,
+    else the config file — and whether all of them came from overrides."""
+    parts, all_set = [], True
+    for loc, msg in problems:
+        cause = _override_of(loc, overrides)
+        all_set = all_set and cause is not None
+        if cause is None and overrides and loc == "(top level)":
+            cause = f"{source} with --set {' '.join(overrides)}"
+        parts.append(f"{cause or source}: {msg}" if loc == "(top level)" else f"{cause or source}: {loc}: {msg}")
+    return "; ".join(parts), all_set
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _invalid_text(value: Any, path: str = "", seen: set[int] | None = None) -> str | None:
+    """The dotted path of the first text holding a lone surrogate (not valid Unicode: no file name, no output), or
+    None. A container reached twice (YAML aliases) is looked at once."""
+    if isinstance(value, str):
+        return (path or "(top level)") if _SURROGATE.search(value) else None
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return None
+    seen.add(id(value))
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((found for key, child in children
+                 if (found := _invalid_text(child, f"{path}.{key}" if path else str(key), seen))), None)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -335,8 +397,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override key '{key}' is not a dotted path", "write --set training.lr=1e-4")
     try:
         value = yaml.safe_load(raw) if raw else None
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as exc:
+        try:
+            value = json.loads(raw)  # JSON allows characters YAML refuses (e.g. DEL inside quotes)
+        except ValueError:
+            if raw[:1] in "\"'[{":  # meant as a quoted or structured value: plain text would be a silent misreading
+                raise ConfigError(f"--set {key}: the value is not valid YAML ({one_line(str(exc).splitlines()[0])})",
+                                  "quote or escape it as YAML/JSON") from None
+            value = raw
     return key.split("."), value
 
 
@@ -371,16 +439,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def validate_config(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
-    try:
-        return ExperimentConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: {_format_validation_error(exc)}", "fix the config (see configs/quickstart.yaml)") from None
+def validate_config(data: dict[str, Any], source: str = "config", overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The validated config; a problem is one ConfigError line blaming the `--set` override or the file it came from."""
+    invalid = _invalid_text(data)
+    if invalid is None:
+        try:
+            return ExperimentConfig.model_validate(data)
+        except ValidationError as exc:
+            problems = validation_problems(exc)
+    else:
+        problems = [(invalid, "text that is not valid Unicode (a lone surrogate)")]
+    problem, from_overrides = _blamed(problems, source, overrides)
+    raise ConfigError(problem, "fix that --set value" if from_overrides
+                      else "fix the config (see configs/quickstart.yaml)")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML experiment (safe loader), apply `--set key=value` overrides, validate."""
-    return validate_config(read_config(path, overrides), str(path))
+    return validate_config(read_config(path, overrides), str(path), overrides or [])
 
 
 def read_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -390,6 +466,11 @@ def read_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
         raise ConfigError(f"config file '{path}' does not exist", "pass the path of a YAML file, e.g. configs/quickstart.yaml")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = ", ".join(str(p) for p in (exc.context, exc.problem) if p)
+        raise ConfigError(f"{where}: not valid YAML ({what})", "fix the YAML syntax there") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({(str(exc).splitlines() or [type(exc).__name__])[0]})",
                           "fix the YAML syntax") from None
@@ -411,8 +492,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                 key = self.construct_object(key_node)
                 if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key '{key}' appears twice (line {key_node.start_mark.line + 1})", key_node.start_mark)
+                    raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice",
+                                                            key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep)
 

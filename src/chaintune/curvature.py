@@ -25,6 +25,12 @@ from chaintune.train import IGNORE, SFTExample, _collate, answer_loss_sum, token
 METHODS = ("lanczos", "power")
 
 
+def sign_note(lambda_max: float) -> str:
+    """What a negative λ_max means, for the lines that print one ("" when it is not negative)."""
+    return ("" if not lambda_max < 0 else " (λ_max is the eigenvalue of largest magnitude: negative means the "
+            "strongest curvature is downward, i.e. the stage ended near a saddle, not in a sharp minimum)")
+
+
 def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -66,7 +72,7 @@ class HessianOperator:
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.device = self.params[0].device
-        data: list[SFTExample] = tokenize_sft(tokenizer, examples, max_length)
+        data: list[SFTExample] = tokenize_sft(tokenizer, examples, max_length, "curvature")
         self.n_tokens = sum(sum(t != IGNORE for t in e.labels) for e in data)
         order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -19,7 +19,8 @@ from chaintune.config import ExperimentConfig
 from chaintune.errors import ChaintuneError
 from chaintune.plan import Job, JobId, Plan, Point, Settings, as_points, eval_spec, make_plan, run_identity
 from chaintune.provenance import data_file_hashes, environment
-from chaintune.rundir import RunDir, RunRecord, check_output_dir, probe_writable
+from chaintune.io import probe_writable
+from chaintune.rundir import RunDir, RunRecord, check_outside_data
 from chaintune.stage import execute, job_done, stage_examples
 from chaintune.tasks import canonical_task_name, get_task, load_task, register_user_tasks, resolve_data_dir
 from chaintune.weights import checkpoint_ok
@@ -41,6 +42,16 @@ def register_tasks(points: list[Point]) -> None:
         register_user_tasks(point.cfg.custom_tasks)
 
 
+def check_models(points: list[Point]) -> None:
+    """Every point's device exists here and its model can be found (a local folder with a config, a .gguf file, or a
+    hub id that is cached or reachable): a wrong path or device fails before any job, and is never retried."""
+    from chaintune.models import pick_device, resolve_model_path
+
+    for model, device in dict.fromkeys((p.cfg.model, p.cfg.device) for p in points):
+        pick_device(device)
+        resolve_model_path(model)
+
+
 def preflight(point: Point) -> None:
     """Load every stage's training data and every evaluation set: missing splits fail before any training."""
     cfg = point.cfg
@@ -54,20 +65,25 @@ def preflight(point: Point) -> None:
 
 
 def prepare_output(points: list[Point]) -> RunDir:
-    """Check the output directory, load all data (nothing is written if that fails), then record the experiment and
-    the data hashes that later resumes must match."""
+    """Check the output directory, the models and devices, load all data (nothing is written if that fails), then
+    record the experiment and the data hashes that later resumes must match.
+
+    The data hashes bind a directory only once it holds a result (a trained stage or an evaluation): a start that
+    failed before any job finished — a malformed record, an empty split, a wrong model path — leaves nothing that a
+    rerun on corrected data must match."""
     cfg = points[0].cfg
     out = RunDir(cfg.output_dir)
     data_dir = resolve_data_dir(cfg.data_dir)
     tasks = [canonical_task_name(t) for p in points for t in p.cfg.all_tasks()]
-    check_output_dir(out, data_dir, [f for t in tasks for f in get_task(t).data_files])
-    probe_writable(out)
+    check_outside_data(out.root, data_dir, [f for t in tasks for f in get_task(t).data_files])
+    probe_writable(out.root, "output_dir", "choose a writable output_dir (--set output_dir=...)")
     hashes = data_file_hashes(data_dir, list(dict.fromkeys(tasks)))
-    before = out.environment().get("data_files", {})
+    before = out.environment().get("data_files", {}) if out.has_results() else {}
     changed = sorted(f for f in before.keys() & hashes.keys() if before[f] != hashes[f])
     if changed:
         raise ChaintuneError(f"data file(s) {', '.join(changed)} changed since {out.root} was started",
                              "use a new output_dir (resuming would mix results of both versions), or restore them")
+    check_models(points)
     for point in points:
         preflight(point)
     from chaintune.models import pick_device
@@ -93,7 +109,13 @@ def pending_jobs(plan: Plan, out: RunDir) -> set[JobId]:
 
 def _error_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def permanent(exc: BaseException) -> bool:
+    """An error caused by the input (a ChaintuneError: bad data, model, device, diverging loss...) fails the same
+    way again: it is not retried. Crashes, out-of-memory and killed workers are."""
+    return isinstance(exc, ChaintuneError)
 
 
 def run(experiment: ExperimentConfig | dict[str, Any] | list[Point], executor=None, echo: Callable[[str], None] = print,
@@ -168,7 +190,7 @@ def _schedule(plan: Plan, out: RunDir, executor, echo: Callable[[str], None], pr
                 error = _error_line(exc)
                 if not isinstance(exc, ChaintuneError):
                     out.write_text(out.traceback_path(job.node.dirname), "".join(traceback.format_exception(exc)))
-                if attempts[key] <= executor.retries:
+                if attempts[key] <= executor.retries and not permanent(exc):
                     echo(f"  job {job.node.dirname} failed ({escape(error)}); retry {attempts[key]}/{executor.retries}")
                     executor.recover()
                     pending.add(key)

@@ -8,6 +8,7 @@ one forward pass, sorted by length; the LM head runs only on scored positions (d
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import torch
 from chaintune.errors import ChaintuneError
 from chaintune.runtime import device_plan, use_attention
 from chaintune.tasks import Example
+
+log = logging.getLogger(__name__)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -47,6 +50,7 @@ class PackedQuestion:
     position_ids: list[int]
     context_len: int
     spans: list[tuple[int, int]]
+    truncated: int = 0  # context tokens cut from the left to fit max_length
 
 
 def pack_question(index: int, tokenizer, example: Example, max_length: int) -> PackedQuestion:
@@ -56,14 +60,15 @@ def pack_question(index: int, tokenizer, example: Example, max_length: int) -> P
     if any(len(c) == 0 for c in continuations):
         raise ValueError(f"example {example.id}: a choice tokenizes to nothing")
     longest = max(len(c) for c in continuations)
-    context = context[-max(1, max_length - longest):]  # left-truncate like lm-evaluation-harness
+    cut = len(context) - max(1, max_length - longest)
+    context = context[max(cut, 0):]  # left-truncate like lm-evaluation-harness
     ids, positions, spans = list(context), list(range(len(context))), []
     for cont in continuations:
         start = len(ids)
         ids.extend(cont)
         positions.extend(range(len(context), len(context) + len(cont)))
         spans.append((start, len(ids)))
-    return PackedQuestion(index, ids, positions, len(context), spans)
+    return PackedQuestion(index, ids, positions, len(context), spans, max(cut, 0))
 
 
 MIN_SHARED = 16  # leading context tokens that questions must share to be packed into one sequence
@@ -226,7 +231,9 @@ def score_examples(model, tokenizer, examples: Sequence[Example], *, max_tokens:
 
     if max_length is None:
         max_length = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-    rows = pack_rows([pack_question(i, tokenizer, ex, max_length) for i, ex in enumerate(examples)])
+    packed = [pack_question(i, tokenizer, ex, max_length) for i, ex in enumerate(examples)]
+    warn_truncated(sum(q.truncated > 0 for q in packed), len(packed), max_length, f"{desc}: prompts scored")
+    rows = pack_rows(packed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results: list[list[float]] = [[] for _ in examples]
     was_training = model.training
@@ -239,6 +246,13 @@ def score_examples(model, tokenizer, examples: Sequence[Example], *, max_tokens:
             bar.update(sum(len(r.questions) for r in batch))
     model.train(was_training)
     return results
+
+
+def warn_truncated(n: int, total: int, max_length: int, what: str) -> None:
+    """A logged warning counting the examples that were cut to fit `max_length` tokens (never silent)."""
+    if n:
+        log.warning("%s: %d of %d were longer than %d tokens and lost the start of their prompt", what, n, total,
+                    max_length)
 
 
 def argmax_first(values: Sequence[float]) -> int:

@@ -9,9 +9,10 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 from chaintune.errors import ChaintuneError
 
@@ -81,7 +82,18 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def write_table(path: str | Path, df: pd.DataFrame) -> None:
+def probe_writable(folder: str | Path, what: str, fix: str) -> None:
+    """Create `folder` and check that a file can be written in it, before any work whose results go there."""
+    probe = Path(folder) / ".write-test"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink(missing_ok=True)  # another process may have probed at the same moment
+    except OSError as exc:
+        raise ChaintuneError(f"cannot write to {what} '{folder}' ({exc.strerror or exc})", fix) from None
+
+
+def write_table(path: str | Path, df: "pd.DataFrame") -> None:
     """Write a DataFrame as Parquet (`.parquet`) or CSV (`.csv`), atomically."""
     path = Path(path)
     with atomic_path(path) as tmp:

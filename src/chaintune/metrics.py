@@ -359,6 +359,14 @@ def _interval(boot: np.ndarray, confidence: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _boot_p_value(boot: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of 0: 2 · (1 + #{θ* on the far side of 0}) / (1 + B), at most 1 (NaN-free θ*)."""
+    boot = boot[np.isfinite(boot)]
+    if not boot.size:
+        return math.nan
+    return float(min(1.0, 2 * (1 + min((boot <= 0).sum(), (boot >= 0).sum())) / (1 + boot.size)))
+
+
 def paired_bootstrap(correct_before: Sequence[bool], correct_after: Sequence[bool], n_resamples: int = 1000,
                      seed: int = 0, confidence: float = 0.95) -> BootstrapCI:
     """CI for F = acc_before − acc_after (pp) of one run, resampling test examples with replacement, jointly
@@ -376,13 +384,14 @@ def paired_bootstrap_groups(correct_before: Sequence[bool], correct_after: Seque
     computing each group's forgetting on its members within the resample (resamples lacking a group are skipped).
 
     Returns index group (order of first appearance; None/NaN labels only count towards F) with columns
-    F_g, ci_low, ci_high, BF_g, bf_ci_low, bf_ci_high, n. Same seed ⇒ same resamples as `paired_bootstrap`.
+    F_g, ci_low, ci_high, p_value, BF_g, bf_ci_low, bf_ci_high, bf_p_value, n (p-values: two-sided, of F_g = 0 and
+    BF_g = 0, from the same resamples). Same seed ⇒ same resamples as `paired_bootstrap`.
     """
     d = _paired_diffs(correct_before, correct_after)
     codes, labels = pd.factorize(pd.Series(list(groups), dtype=object), sort=False)
     if codes.size != d.size:
         raise ValueError(f"need one group label per example ({codes.size} labels, {d.size} examples)")
-    cols = ["F_g", "ci_low", "ci_high", "BF_g", "bf_ci_low", "bf_ci_high", "n"]
+    cols = ["F_g", "ci_low", "ci_high", "p_value", "BF_g", "bf_ci_low", "bf_ci_high", "bf_p_value", "n"]
     if d.size == 0:
         return pd.DataFrame(columns=cols).rename_axis("group")
     idx = np.random.default_rng(seed).integers(0, d.size, size=(n_resamples, d.size))  # as paired_bootstrap
@@ -395,8 +404,9 @@ def paired_bootstrap_groups(correct_before: Sequence[bool], correct_after: Seque
         with np.errstate(invalid="ignore", divide="ignore"):
             boot_fg = np.where(count > 0, (boot_d * member).sum(axis=1) / count, np.nan)
         f_g = float(d[codes == k].mean())
-        rows[label] = [f_g, *_interval(boot_fg, confidence), f_g - float(d.mean()),
-                       *_interval(boot_fg - boot_f, confidence), int((codes == k).sum())]
+        rows[label] = [f_g, *_interval(boot_fg, confidence), _boot_p_value(boot_fg), f_g - float(d.mean()),
+                       *_interval(boot_fg - boot_f, confidence), _boot_p_value(boot_fg - boot_f),
+                       int((codes == k).sum())]
     return pd.DataFrame.from_dict(rows, orient="index", columns=cols).rename_axis("group")
 
 

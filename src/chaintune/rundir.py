@@ -17,22 +17,23 @@ Layout (schema_version 2; directories written by schema 1, which had no `schema_
     results.parquet / results.csv           one tidy table of every run's accuracies
     summary/, report/                       written by `chaintune summarize` / `chaintune report`
 
-Every write goes through `RunDir.path_for_write`, which refuses a path that leaves the resolved output directory
-through a symlinked folder.
+Every write goes through `Folder.path_for_write`, which refuses a path that leaves the resolved output directory
+through a symlinked folder (`RunDir` is a `Folder`; so is a report's folder). Every read goes through a reader that
+turns a malformed file into a one-line error naming it and the fix.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from chaintune.errors import ChaintuneError
-from chaintune.io import read_json, write_json, write_table, write_text
+from chaintune.errors import ChaintuneError, validation_problems
+from chaintune.io import atomic_path, read_json, write_json, write_table, write_text
 
 SCHEMA_VERSION = 2
 
@@ -140,21 +141,79 @@ class RunRecord(Record):
     eval_tasks: list[str] = []  # tasks scored after every stage, in order (schema 1: not recorded)
 
 
-def _parse(model: type[Record], path: Path) -> Any:
+class PointRecord(Record):
+    label: str
+    overrides: dict[str, Any] = {}
+    config: dict[str, Any]
+
+
+_FIX = "restore it from a copy, or delete it (a stage's file: that stage's folder) and rerun to recompute it"
+
+
+def _readable(path: Path, read: Callable[[Path], Any]) -> Any:
+    """`read(path)`; a file that cannot be read or parsed is a one-line ChaintuneError naming it."""
     try:
-        return model.model_validate(read_json(path))
+        return read(path)
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # parse errors of json, pyarrow, pandas and yaml
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ChaintuneError(f"'{path}' cannot be read ({reason[:300]})", _FIX) from None
+
+
+def _parse(model: type[Record], path: Path) -> Any:
+    data = _readable(path, read_json)
+    try:
+        return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ChaintuneError(f"'{path}' is not a valid {model.__name__} ({where}: {first['msg']})",
-                             "restore it from a copy, or delete that stage's folder and rerun to recompute it") from None
+        loc, msg = validation_problems(exc)[0]
+        raise ChaintuneError(f"'{path}' is not a valid {model.__name__} ({loc}: {msg})", _FIX) from None
 
 
-class RunDir:
-    """One experiment's output directory. `root` is resolved once; nothing is written outside it."""
+def read_table(path: Path) -> pd.DataFrame:
+    """A Parquet (`.parquet`) or CSV table of a run directory, or a one-line error naming the file."""
+    return _readable(Path(path), pd.read_parquet if Path(path).suffix == ".parquet" else pd.read_csv)
+
+
+class Folder:
+    """A folder chaintune writes: `root` is resolved once, and no write leaves it (see `path_for_write`)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
+
+    def path_for_write(self, path: Path) -> Path:
+        """`path` if writing it stays inside the folder; a symlinked folder on the way is refused."""
+        path = Path(path)
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            raise ChaintuneError(f"'{path}' is outside the output directory '{self.root}'",
+                                 "report this as a bug") from None
+        folder = self.root
+        for part in rel.parts[:-1]:
+            folder = folder / part
+            if folder.is_symlink():
+                raise ChaintuneError(f"'{folder}' is a symlink: chaintune writes only inside '{self.root}'",
+                                     "replace the link by a real folder (or write elsewhere)")
+        if path.is_symlink():
+            raise ChaintuneError(f"'{path}' is a symlink: chaintune writes only inside '{self.root}'",
+                                 "delete the link (or write elsewhere)")
+        return path
+
+    def write_json(self, path: Path, obj: Any) -> None:
+        write_json(self.path_for_write(path), obj)
+
+    def write_table(self, path: Path, df: pd.DataFrame) -> None:
+        write_table(self.path_for_write(path), df)
+
+    def write_text(self, path: Path, text: str) -> None:
+        write_text(self.path_for_write(path), text)
+
+    def atomic(self, path: Path) -> contextlib.AbstractContextManager[Path]:
+        """A temporary file that becomes `path` when the block succeeds (chaintune.io.atomic_path), inside the folder."""
+        return atomic_path(self.path_for_write(path))
+
+
+class RunDir(Folder):
+    """One experiment's output directory. `root` is resolved once; nothing is written outside it."""
 
     # ------------------------------------------------------------------------------------------------ paths
     def stage_dir(self, node: str) -> Path:
@@ -212,35 +271,7 @@ class RunDir:
     def summary_dir(self) -> Path:
         return self.root / "summary"
 
-    def path_for_write(self, path: Path) -> Path:
-        """`path` if writing it stays inside the output directory; a symlinked folder on the way is refused."""
-        path = Path(path)
-        try:
-            rel = path.relative_to(self.root)
-        except ValueError:
-            raise ChaintuneError(f"'{path}' is outside the output directory '{self.root}'",
-                                 "report this as a bug") from None
-        folder = self.root
-        for part in rel.parts[:-1]:
-            folder = folder / part
-            if folder.is_symlink():
-                raise ChaintuneError(f"'{folder}' is a symlink: chaintune writes only inside '{self.root}'",
-                                     "replace the link by a real folder (or use another output_dir)")
-        if path.is_symlink():
-            raise ChaintuneError(f"'{path}' is a symlink: chaintune writes only inside '{self.root}'",
-                                 "delete the link (or use another output_dir)")
-        return path
-
     # ------------------------------------------------------------------------------------------------ writers
-    def write_json(self, path: Path, obj: Any) -> None:
-        write_json(self.path_for_write(path), obj)
-
-    def write_table(self, path: Path, df: pd.DataFrame) -> None:
-        write_table(self.path_for_write(path), df)
-
-    def write_text(self, path: Path, text: str) -> None:
-        write_text(self.path_for_write(path), text)
-
     def write_record(self, path: Path, record: Record) -> None:
         self.write_json(path, record.model_dump() | {"schema_version": SCHEMA_VERSION})
 
@@ -261,7 +292,11 @@ class RunDir:
         return _parse(EvalRecord, path) if path.is_file() else None
 
     def predictions(self, node: str, task: str) -> pd.DataFrame:
-        return pd.read_parquet(self.predictions_path(node, task))
+        return read_table(self.predictions_path(node, task))
+
+    def train_curve(self, node: str) -> pd.DataFrame | None:
+        path = self.train_curve_path(node)
+        return read_table(path) if path.is_file() else None
 
     def evaluations(self, node: str) -> list[EvalRecord]:
         """Every stored evaluation of a node, by task name."""
@@ -284,24 +319,36 @@ class RunDir:
         """Every run with a run.json, sorted."""
         return sorted(p.parent.name for p in (self.root / "runs").glob("*/run.json"))
 
+    def has_results(self) -> bool:
+        """True once a job has stored a result here: a trained stage (node.json) or an evaluation."""
+        stages = self.root / "stages"
+        return stages.is_dir() and (any(stages.glob("*/node.json")) or any(stages.glob("*/eval/*.json")))
+
+    def _mapping(self, path: Path, read: Callable[[Path], Any]) -> dict[str, Any]:
+        data = _readable(path, read)
+        if not isinstance(data, dict):
+            raise ChaintuneError(f"'{path}' does not hold a mapping", _FIX)
+        return data
+
     def environment(self) -> dict[str, Any]:
-        return read_json(self.environment_path) if self.environment_path.is_file() else {}
+        return self._mapping(self.environment_path, read_json) if self.environment_path.is_file() else {}
 
     def experiment(self) -> dict[str, Any]:
         """The stored experiment config (experiment.yaml), as a mapping."""
         if not self.experiment_path.is_file():
             raise ChaintuneError(f"'{self.root}' is not a chaintune run directory (no experiment.yaml)",
                                  "pass the output_dir of a `chaintune run`")
-        data = yaml.safe_load(self.experiment_path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ChaintuneError(f"'{self.experiment_path}' is not a config mapping", "restore it from a copy")
-        return data
+        return self._mapping(self.experiment_path, lambda p: yaml.safe_load(p.read_text(encoding="utf-8")))
 
     def point_configs(self) -> list[tuple[str, dict[str, Any]]]:
         """(sweep point label, config mapping) of every point of the stored experiment."""
-        if self.points_path.is_file():
-            return [(p["label"], p["config"]) for p in read_json(self.points_path)]
-        return [("", self.experiment())]
+        if not self.points_path.is_file():
+            return [("", self.experiment())]
+        points = _readable(self.points_path, read_json)
+        try:
+            return [(p.label, p.config) for p in map(PointRecord.model_validate, points)]
+        except (TypeError, ValidationError):
+            raise ChaintuneError(f"'{self.points_path}' is not a list of sweep points", _FIX) from None
 
     def custom_tasks(self) -> list[dict[str, Any]]:
         """Every user task spec the experiment used (over all sweep points, first definition of a name wins)."""
@@ -312,13 +359,15 @@ class RunDir:
         return list(specs.values())
 
     def failures(self) -> dict[str, dict[str, Any]]:
-        return read_json(self.failures_path) if self.failures_path.is_file() else {}
+        return self._mapping(self.failures_path, read_json) if self.failures_path.is_file() else {}
 
     def results(self) -> pd.DataFrame:
-        if not self.results_path.is_file():
-            raise ChaintuneError(f"'{self.root}' has no results table (results.parquet)",
-                                 "run the experiment to completion first")
-        return pd.read_parquet(self.results_path)
+        """results.parquet (or, where only that was kept, results.csv)."""
+        for path in (self.results_path, self.root / "results.csv"):
+            if path.is_file():
+                return read_table(path)
+        raise ChaintuneError(f"'{self.root}' has no results table (results.parquet)",
+                             "run the experiment to completion first")
 
     # ------------------------------------------------------------------------------------------------ locks
     @contextlib.contextmanager
@@ -335,27 +384,18 @@ class RunDir:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def check_output_dir(out: RunDir, data_dir: Path | None, data_files: list[str]) -> None:
-    """An output directory may not equal, contain or sit inside the data directory, nor hold a user data file."""
+def check_outside_data(target: str | Path, data_dir: Path | None, data_files: Sequence[str] = (), *,
+                       what: str = "output_dir", folder: bool = True) -> None:
+    """Data is never written: an output folder may not equal, contain or sit inside the data directory, nor hold a
+    user data file; an output file may not lie in the data directory nor be a user data file."""
+    path = Path(target).expanduser().resolve()
     if data_dir is not None:
         data = data_dir.resolve()
-        if out.root == data or data in out.root.parents or out.root in data.parents:
-            raise ChaintuneError(f"output_dir '{out.root}' overlaps the data directory '{data}'",
-                                 "choose an output_dir outside the data directory (data is never written)")
+        if path == data or data in path.parents or (folder and path in data.parents):
+            raise ChaintuneError(f"{what} '{path}' overlaps the data directory '{data}'",
+                                 f"choose a {what} outside the data directory (data is never written)")
     for name in data_files:
-        path = Path(name)
-        if path.is_absolute() and out.root in path.resolve().parents:
-            raise ChaintuneError(f"output_dir '{out.root}' holds the user data file '{path}'",
-                                 "choose an output_dir that does not contain your data files")
-
-
-def probe_writable(out: RunDir) -> None:
-    """Create the output directory and check that it can be written (one-line error otherwise)."""
-    probe = out.root / ".write-test"
-    try:
-        out.root.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ChaintuneError(f"cannot write to output_dir '{out.root}' ({exc.strerror or exc})",
-                             "choose a writable output_dir (--set output_dir=...)") from None
+        file = Path(name)
+        if file.is_absolute() and (path in file.resolve().parents if folder else path == file.resolve()):
+            raise ChaintuneError(f"{what} '{path}' {'holds' if folder else 'is'} the user data file '{file}'",
+                                 f"choose a {what} that does not {'contain' if folder else 'overwrite'} your data files")

@@ -193,8 +193,8 @@ class StageExecutor:
             if checkpoint_ok(out, node):
                 return
             self.echo(f"  checkpoint of {node.dirname} is missing or corrupt: retraining it")
-            out.node_path(node.dirname).unlink()
-            shutil.rmtree(folder / "eval", ignore_errors=True)
+            out.path_for_write(out.node_path(node.dirname)).unlink()
+            shutil.rmtree(out.path_for_write(folder / "eval"), ignore_errors=True)
         gate = job.settings.quality_gate
         examples = node_examples(out, job.settings, node)
         trainable, validation = train_pool(job.settings, node.stage.task)
@@ -293,15 +293,15 @@ class StageExecutor:
             train_seconds=result.seconds, tokens_per_second=result.tokens / max(result.seconds, 1e-9),
             checkpoint_sha256={p.name: file_sha256(p) for p in sorted(ckpt.iterdir()) if p.is_file()},
             gate=gate, best_step=result.best_step, compile_seconds=result.compile_seconds))
-        shutil.rmtree(folder / "work", ignore_errors=True)
-        out.attempts_path(node.dirname).unlink(missing_ok=True)
+        shutil.rmtree(out.path_for_write(folder / "work"), ignore_errors=True)
+        out.path_for_write(out.attempts_path(node.dirname)).unlink(missing_ok=True)
         cache.model.eval()
         cache.loaded = node.key
 
     def measure_curvature(self, job: Job) -> None:
         """λ_max (and top-k / trace if asked) of the stage's training loss w.r.t. its trainable parameters: all
         weights for full fine-tuning, the stage's LoRA adapter for LoRA."""
-        from chaintune.curvature import measure_curvature
+        from chaintune.curvature import measure_curvature, sign_note
 
         cc, node, cache = job.curvature, job.node, self.cache
         if cc is None or self.out.curvature_path(node.dirname).is_file():
@@ -327,7 +327,8 @@ class StageExecutor:
         interval = (f" [{result.lambda_max_ci_low:.4g}, {result.lambda_max_ci_high:.4g}] over {result.subsets} subsets"
                     if result.lambda_max_ci_low is not None else "")
         self.echo(f"  curvature {node.dirname}: λ_max {result.lambda_max:.4g}{interval} ({result.iterations} "
-                  f"iterations{'' if result.converged else ', not converged'}, {result.seconds:.0f}s)")
+                  f"iterations{'' if result.converged else ', not converged'}, {result.seconds:.0f}s)"
+                  f"{sign_note(result.lambda_max)}")
         if unstable:
             self.echo(f"  warning: λ_max of {node.dirname} differs by a factor {result.disagreement:.2f} "
                       f"between its {result.subsets} example subsets (> {cc.disagreement:g}): it is not stable at "

@@ -12,7 +12,7 @@ import torch
 
 from chaintune.config import TrainingConfig
 from chaintune.errors import TrainingError
-from chaintune.evaluate import decoder_and_head, encode_pair
+from chaintune.evaluate import decoder_and_head, encode_pair, warn_truncated
 from chaintune.io import read_json, write_json, write_safetensors
 from chaintune.runtime import device_plan, use_attention
 from chaintune.tasks import Example
@@ -27,14 +27,18 @@ class SFTExample:
     labels: list[int]  # IGNORE on prompt tokens
 
 
-def tokenize_sft(tokenizer, examples: Sequence[Example], max_length: int) -> list[SFTExample]:
-    """Prompt + gold choice, tokenized as the evaluator does; prompt tokens are masked out of the loss."""
-    out = []
+def tokenize_sft(tokenizer, examples: Sequence[Example], max_length: int, desc: str = "train") -> list[SFTExample]:
+    """Prompt + gold choice, tokenized as the evaluator does; prompt tokens are masked out of the loss. Examples
+    longer than `max_length` lose the start of their prompt (and, if still too long, the end of the answer); their
+    number is logged."""
+    out, cut = [], 0
     for ex in examples:
         context, answer = encode_pair(tokenizer, ex.prompt, ex.choices[ex.gold])
+        cut += len(context) + len(answer) > max_length
         context = context[-max(1, max_length - len(answer)):]
         answer = answer[: max_length - len(context)]
         out.append(SFTExample(context + answer, [IGNORE] * len(context) + answer))
+    warn_truncated(cut, len(out), max_length, f"{desc}: training examples")
     return out
 
 
@@ -252,7 +256,7 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
     device = next(model.parameters()).device
     plan = device_plan(device)
     use_attention(model, plan.attention)
-    data = tokenize_sft(tokenizer, examples, cfg.max_length)
+    data = tokenize_sft(tokenizer, examples, cfg.max_length, desc)
     lengths = [len(e.input_ids) for e in data]
     if cfg.method == "full":
         model.requires_grad_(True)  # a merged LoRA model comes back with frozen base weights

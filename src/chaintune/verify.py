@@ -76,6 +76,11 @@ def verify_run(run_dir: str | Path, *, device: str | None = None, data_dir: str 
 
     A run directory may come from someone else: its config's trust_remote_code is ignored, only the argument counts.
     """
+    from chaintune.models import pick_device
+
+    if device is not None:
+        pick_device(device)  # an unknown or absent device fails before anything is read
+    resolve_data_dir(data_dir)
     out = RunDir(run_dir)
     overrides = {k: v for k, v in {"device": device, "data_dir": data_dir}.items() if v is not None}
     overrides["trust_remote_code"] = trust_remote_code

@@ -8,10 +8,10 @@ from typing import Any
 
 import pandas as pd
 
-from chaintune import metrics as M
+from chaintune.analysis.intervals import BOOTSTRAP, CROSSED, SIGNIFICANCE, T_OVER_SEEDS, WELCH
 from chaintune.analysis.quality import failure_text
 from chaintune.analysis.records import OVERALL, RunData
-from chaintune.analysis.tables import order_pairs, summary_tables
+from chaintune.analysis.tables import order_difference, order_pairs, summary_tables
 from chaintune.rundir import RunDir
 
 
@@ -34,10 +34,36 @@ def _ci_text(row: Any, col: str, fmt: str = ".2f") -> str:
     return f"{row[col]:{fmt}}{ci}"
 
 
+def _tests(res: dict[str, Any]) -> str:
+    """' [lo, hi], p = …, Welch p = …, permutation p = …' of an `order_difference` result ('' without an interval)."""
+    if not math.isfinite(res["ci_low"]):
+        return ""
+    crossed = f", p = {res['p_value']:.3g}" if res["ci_method"] == CROSSED else ""
+    return (f" [{res['ci_low']:.2f}, {res['ci_high']:.2f}]{crossed}, Welch p = {res['welch_p_value']:.3g}, "
+            f"permutation p = {res['permutation_p_value']:.3g}")
+
+
+def _methods(tables: dict[str, pd.DataFrame]) -> list[str]:
+    """One sentence per interval method that the tables used."""
+    used = {str(m) for df in tables.values() if "ci_method" in df.columns for m in df["ci_method"]}
+    lines = []
+    if CROSSED in used:
+        lines.append("Chains with >= 2 seeds: 95 % seed × question intervals (variance components of seeds, test "
+                     "questions and their interaction; t with Satterthwaite df), since every seed answers the same "
+                     "questions; ratios (RF, recovery) and group summaries are linearised per question.")
+    if any(m.startswith(BOOTSTRAP) for m in used):
+        lines.append("Chains with one seed: 95 % paired bootstrap over test questions (1,000 resamples) for F, F_g "
+                     "and BF_g.")
+    if any(m.startswith((T_OVER_SEEDS, WELCH)) for m in used):
+        lines.append("Tables marked 't over seeds' (curvature, BBQ bias, rows without per-question predictions) use "
+                     "95 % t intervals over seeds.")
+    return lines
+
+
 def findings(runs: list[RunData], tables: dict[str, pd.DataFrame] | None = None) -> dict[str, list[str]]:
     """The paper's questions (SPEC.md §1) answered from an experiment's results, as sentences with numbers:
-    learning gains (the precondition), order asymmetry, biased forgetting, curvature → forgetting, replay.
-    Intervals are 95% over seeds (t) unless noted."""
+    learning gains (the precondition), order asymmetry, biased forgetting, curvature → forgetting, replay, and how
+    the intervals were computed (each table's `ci_method`)."""
     tables = tables if tables is not None else summary_tables(runs)
     kinds = {task: kind for r in runs for task, kind in r.task_kinds.items()}
     out: dict[str, list[str]] = {}
@@ -75,31 +101,25 @@ def findings(runs: list[RunData], tables: dict[str, pd.DataFrame] | None = None)
                 f"their gains ({again.gain.min():.2f} to {again.gain.max():.2f} pp) are not a precondition.")
     pairs = [p for p in order_pairs(runs) if {_kind(p[2]), _kind(p[3])} == {"safety", "capability"}]
     if pairs:
-        lines, rf_s, rf_c = [], [], []
-        by_chain = {}
-        for r in runs:
-            for f in r.metrics.get("forgetting", []):
-                if f["trained_stage"] == 1:
-                    by_chain.setdefault(r.chain, []).append(f["RF"])
+        lines, pooled_pairs = [], []
         for chain_ab, chain_ba, a, b in pairs:
             s_first, c_first, s, c = (chain_ab, chain_ba, a, b) if _kind(a) == "safety" else (chain_ba, chain_ab, b, a)
-            res = M.order_asymmetry(by_chain.get(s_first, []), by_chain.get(c_first, []))
-            rf_s += by_chain.get(s_first, [])
-            rf_c += by_chain.get(c_first, [])
-            ci = f" [{res.ci_low:.2f}, {res.ci_high:.2f}], Welch p = {res.p_value:.3g}" if math.isfinite(res.ci_low) else ""
-            lines.append(f"{s_first} ({s}→{c}): RF of {s} {res.mean_s_then_c:.2f} % vs {c_first} ({c}→{s}): RF of {c} "
-                         f"{res.mean_c_then_s:.2f} %; difference {res.difference:.2f}{ci} ({res.n_s_then_c}/"
-                         f"{res.n_c_then_s} seeds).")
-        pooled = M.order_asymmetry(rf_s, rf_c)
-        ci = (f" [{pooled.ci_low:.2f}, {pooled.ci_high:.2f}], Welch p = {pooled.p_value:.3g}"
-              if math.isfinite(pooled.ci_low) else "")
-        verdict = ("safety is forgotten more when it comes first" if math.isfinite(pooled.ci_low) and pooled.ci_low > 0
-                   else "the capability task is forgotten more when it comes first" if math.isfinite(pooled.ci_high)
-                   and pooled.ci_high < 0 else "no significant difference between the orders")
+            pair = ([r for r in runs if r.chain == s_first], s, [r for r in runs if r.chain == c_first], c)
+            pooled_pairs.append(pair)
+            res = order_difference([pair])
+            lines.append(f"{s_first} ({s}→{c}): RF of {s} {res['RF_first']:.2f} % vs {c_first} ({c}→{s}): RF of {c} "
+                         f"{res['RF_second']:.2f} %; difference {res['difference']:.2f}{_tests(res)} "
+                         f"({res['n_first']}/{res['n_second']} seeds).")
+        pooled = order_difference(pooled_pairs)
+        lo, hi = pooled["ci_low"], pooled["ci_high"]
+        verdict = ("safety is forgotten more when it comes first" if math.isfinite(lo) and lo > 0
+                   else "the capability task is forgotten more when it comes first" if math.isfinite(hi) and hi < 0
+                   else "no significant difference between the orders" if math.isfinite(lo)
+                   else f"no test ({pooled.get('note') or 'too few seeds'})")
         out["Order: is safety forgotten more when it comes first?"] = [
-            f"Pooled over {len(pairs)} task pairs: RF of the safety task in S→C {pooled.mean_s_then_c:.2f} % "
-            f"(n = {pooled.n_s_then_c} runs) vs RF of the capability task in C→S {pooled.mean_c_then_s:.2f} % "
-            f"(n = {pooled.n_c_then_s}); difference {pooled.difference:.2f}{ci}: {verdict}."] + lines
+            f"Pooled over {len(pairs)} task pairs: RF of the safety task in S→C {pooled['RF_first']:.2f} % "
+            f"(n = {pooled['n_first']} runs) vs RF of the capability task in C→S {pooled['RF_second']:.2f} % "
+            f"(n = {pooled['n_second']}); difference {pooled['difference']:.2f}{_tests(pooled)}: {verdict}."] + lines
     groups, bf = tables.get("group_forgetting"), tables.get("biased_forgetting")
     safety_first = {p[0] if _kind(p[2]) == "safety" else p[1] for p in pairs}
     if groups is not None and not groups.empty:
@@ -111,12 +131,13 @@ def findings(runs: list[RunData], tables: dict[str, pd.DataFrame] | None = None)
             if part.empty:
                 continue
             top = ", ".join(f"{r.group} {_ci_text(r._asdict(), 'F_g', '.1f')}" for r in part.head(3).itertuples())
-            sig = [r.group for r in part.itertuples() if math.isfinite(r.BF_g_ci_low) and
-                   (r.BF_g_ci_low > 0 or r.BF_g_ci_high < 0)]
+            sig = [r.group for r in part.itertuples() if r.BF_g_significant]
             row = bf[(bf.chain == chain) & (bf.task == task)].iloc[0] if bf is not None and len(bf) else None
             spread = f"BF_spread {_ci_text(row, 'BF_spread')} pp, " if row is not None else ""
+            tested = int(part.BF_g_adj_p.notna().sum())
             lines.append(f"{chain} ({task}, {len(part)} groups): {spread}most forgotten: {top} pp; groups whose BF_g "
-                         f"interval excludes 0: {', '.join(sig) if sig else 'none'}.")
+                         f"interval excludes 0 at the {part.correction.iloc[0]}-corrected level ({tested} tests, "
+                         f"adjusted p < {SIGNIFICANCE:g}): {', '.join(sig) if sig else 'none'}.")
         if lines:
             out["Is forgetting biased across groups?"] = lines
     corr = tables.get("curvature_vs_forgetting")
@@ -149,4 +170,7 @@ def findings(runs: list[RunData], tables: dict[str, pd.DataFrame] | None = None)
             out["How much does replay recover, at what cost?"].append(
                 f"Smallest f recovering ≥ 90 % ({r.replay_task} into {r.task}): "
                 f"{f'{100 * f:g} %' if found else 'none of the fractions tried'}.")
+    methods = _methods(tables)
+    if methods:
+        out["How were the intervals computed?"] = methods
     return out

@@ -57,9 +57,9 @@ def run_predictions(out: RunDir, run: RunRecord, eval_tasks: list[str]) -> pd.Da
 def run_curves(out: RunDir, run: RunRecord) -> pd.DataFrame | None:
     curves = []
     for index, node in enumerate(run.stages[1:], start=1):
-        path = out.train_curve_path(node)
-        if path.is_file():
-            curves.append(pd.read_csv(path).assign(stage=index, task=_stage_name(out, node)[1]))
+        curve = out.train_curve(node)
+        if curve is not None:
+            curves.append(curve.assign(stage=index, task=_stage_name(out, node)[1]))
     return pd.concat(curves, ignore_index=True) if curves else None
 
 
@@ -83,6 +83,7 @@ class RunData:
     metrics: dict[str, Any]  # run_summary(): run_metrics + curvature + replay, as in runs/<run>/metrics.json
     stage_settings: list[tuple[str | None, dict[str, Any], Any]]  # (task, training w/o checkpoint_every, replay)
     task_kinds: dict[str, str]  # eval task → safety | capability | other
+    correction: str = "holm"  # multiple_comparisons of the run's config: holm | bh
     gates: list[dict[str, Any]] = field(default_factory=list)  # analysis.quality.gate_row of each gated stage
 
     @property
@@ -181,7 +182,8 @@ def load_run(out: RunDir, run_id: str, points: dict[str, dict[str, Any]], legacy
                           int(cfg.get("min_group_size", defaults["min_group_size"].default)), metrics)
     nodes = {n: out.node(n) for n in record.stages[1:]}
     gates = [row for n, meta in nodes.items() if meta is not None and (row := gate_row(n, meta)) is not None]
-    return RunData(record, rows, predictions, summary, settings, kinds, gates)
+    return RunData(record, rows, predictions, summary, settings, kinds,
+                   str(cfg.get("multiple_comparisons", defaults["multiple_comparisons"].default)), gates)
 
 
 def load_runs(out: RunDir) -> list[RunData]:

@@ -65,7 +65,8 @@ def run_metrics(run_df: pd.DataFrame, predictions: pd.DataFrame, data_seed: int,
             bf = M.biased_forgetting(M.group_forgetting(g_before.acc, g_after.acc), f, g_before.n, min_group_size)
             gboot = M.paired_bootstrap_groups(before.correct.to_numpy(), after.correct.to_numpy(),
                                               before.group.to_numpy(), seed=data_seed)
-            table = bf.table.join(gboot[["ci_low", "ci_high", "bf_ci_low", "bf_ci_high"]]).reset_index()
+            table = bf.table.join(gboot[["ci_low", "ci_high", "p_value", "bf_ci_low", "bf_ci_high",
+                                          "bf_p_value"]]).reset_index()
             out["group_forgetting"] += _records(table.assign(task=task, trained_stage=s, after_stage=K))
             out["biased_forgetting"].append({"task": task, "trained_stage": s, "after_stage": K, "BF_max": bf.bf_max,
                                              "BF_spread": bf.bf_spread, "BF_std": bf.bf_std, "n_groups": bf.n_groups,
@@ -115,7 +116,8 @@ def replay_metrics(run_df: pd.DataFrame, replay_stages: list[dict[str, Any]]) ->
                 rec = M.replay_recovery(acc[(s_S, S, g)], acc[(s - 1, S, g)], acc[(s, S, g)])
             cost = M.capability_cost(acc[(s - 1, C, OVERALL)], acc[(s, C, OVERALL)]) if (s, C, OVERALL) in acc.index \
                 else math.nan
-            rows.append({"stage": s, "task": C, "replay_task": S, "fraction": r["fraction"], "group": g,
+            rows.append({"stage": s, "trained_stage": s_S, "task": C, "replay_task": S, "fraction": r["fraction"],
+                         "group": g,
                          "recovery": rec, "capability_cost": cost if g == OVERALL else math.nan,
                          "forgotten": acc[(s_S, S, g)] - acc[(s - 1, S, g)]})
     return _records(pd.DataFrame(rows)) if rows else []

@@ -10,6 +10,8 @@ from typing import Any
 import pandas as pd
 
 from chaintune import metrics as M
+from chaintune import stats as st
+from chaintune.analysis import intervals as iv
 from chaintune.analysis.quality import failure_text, gate_frame
 from chaintune.analysis.records import OVERALL, RunData, load_runs
 from chaintune.analysis.run_metrics import replay_metrics, replay_specs
@@ -29,14 +31,38 @@ def _ci(df: pd.DataFrame, by: list[str], value: str, name: str | None = None) ->
                                "ci_high": f"{name}_ci_high", "n": "seeds"})
 
 
-def summary_tables(runs: list[RunData] | str | Path) -> dict[str, pd.DataFrame]:
+def _t_only(table: pd.DataFrame) -> pd.DataFrame:
+    """`ci_method` of a table whose intervals are t intervals over seeds."""
+    return table.assign(ci_method=[iv.T_OVER_SEEDS if n > 1 else iv.NO_INTERVAL for n in table["seeds"]])
+
+
+def runs_by_chain(runs: list[RunData]) -> dict[str, list[RunData]]:
+    """Chain → its runs, in order."""
+    chains: dict[str, list[RunData]] = {}
+    for r in runs:
+        chains.setdefault(r.chain, []).append(r)
+    return chains
+
+
+def correction_of(runs: list[RunData]) -> str:
+    """The multiple-comparison correction the runs' config asks for (`multiple_comparisons`; Holm by default)."""
+    return next((r.correction for r in runs), "holm")
+
+
+def summary_tables(runs: list[RunData] | str | Path, correction: str | None = None) -> dict[str, pd.DataFrame]:
     """Tables over seeds: learning gain, forgetting, group forgetting, biased forgetting, order asymmetry,
-    curvature and its correlation with forgetting, replay, BBQ bias. `runs`: loaded runs, or a run directory.
+    curvature and its correlation with forgetting, replay, BBQ bias. `runs`: loaded runs, or a run directory;
+    `correction`: holm | bh for the per-group families (default: the experiment's `multiple_comparisons`).
+
+    Intervals over >= 2 seeds are crossed seed × question t intervals (`analysis.intervals`) where the runs' stored
+    predictions allow, else t intervals over seeds; with one seed, F and F_g / BF_g keep the run's paired
+    bootstrap over questions. Every table's `ci_method` column says which.
 
     Runs with a stage that failed its quality gate are left out of every table over seeds; `stage_gate` lists every
     gated stage and `excluded_runs` the runs left out and why."""
     if not isinstance(runs, list):
         runs = load_runs(RunDir(runs))
+    correction = correction or correction_of(runs)
     tables: dict[str, pd.DataFrame] = {}
     gates = gate_frame(g for r in runs for g in r.gates)
     if not gates.empty:  # every gated stage, and the runs left out because one of their stages failed
@@ -46,72 +72,161 @@ def summary_tables(runs: list[RunData] | str | Path) -> dict[str, pd.DataFrame]:
         if excluded:
             tables["excluded_runs"] = pd.DataFrame(excluded)
         runs = [r for r in runs if not r.failed_stages]
+    q, by_chain = iv.Questions(), runs_by_chain(runs)
     gains = _flat(runs, "learning_gain")
     if not gains.empty:
-        table = _ci(gains, ["chain", "stage", "task"], "gain")
+        table = iv.fill(_ci(gains, ["chain", "stage", "task"], "gain"), ["gain"],
+                        lambda row, _: iv.interval([iv.difference_values(q, r, row["task"], row["stage"],
+                                                                         row["stage"] - 1)
+                                                    for r in by_chain[row["chain"]]]))
         retrained = (gains.groupby(["chain", "stage", "task"], as_index=False)["retrained"].any()
                      if "retrained" in gains else table[["chain", "stage", "task"]].assign(retrained=False))
         tables["learning_gain"] = table.merge(retrained, on=["chain", "stage", "task"])
     forg = _flat(runs, "forgetting")
     if not forg.empty:
-        f = _ci(forg, ["chain", "task", "trained_stage", "after_stage"], "F")
-        rf = _ci(forg, ["chain", "task", "trained_stage", "after_stage"], "RF").drop(columns=["seeds"])
-        table = f.merge(rf, on=["chain", "task", "trained_stage", "after_stage"])
-        single = table.seeds == 1  # one seed: the CI of F is the paired bootstrap over test questions instead
-        if single.any():
-            keys = ["chain", "task", "trained_stage", "after_stage"]
-            one = forg.groupby(keys, as_index=False)[["F_ci_low", "F_ci_high"]].first()  # 1 row per key: aligned
-            boot = table[keys].merge(one, on=keys, how="left")
-            for col in ("F_ci_low", "F_ci_high"):
-                table.loc[single, col] = boot.loc[single.to_numpy(), col].to_numpy()
-        tables["forgetting"] = table
-        tables["order_asymmetry"] = _order_asymmetry(runs, forg)
+        tables["forgetting"] = _forgetting_table(forg, by_chain, q)
+        tables["order_asymmetry"] = _order_asymmetry(runs, q)
     groups = _flat(runs, "group_forgetting")
     if not groups.empty:
-        g = _ci(groups, ["chain", "task", "group"], "F_g")
-        bfg = _ci(groups, ["chain", "task", "group"], "BF_g").drop(columns=["seeds"])
-        sizes = groups.groupby(["chain", "task", "group"], as_index=False).agg(n=("n", "first"),
-                                                                              included=("included", "all"))
-        tables["group_forgetting"] = g.merge(bfg, on=["chain", "task", "group"]).merge(sizes, on=["chain", "task", "group"])
+        tables["group_forgetting"] = _group_table(groups, by_chain, q, correction)
     bf = _flat(runs, "biased_forgetting")
     if not bf.empty:
-        parts = [_ci(bf, ["chain", "task"], v) for v in ("BF_max", "BF_spread", "BF_std")]
+        parts = [_ci(bf, ["chain", "task"], v) for v in st.BF_SUMMARIES]
         merged = parts[0]
         for p in parts[1:]:
             merged = merged.merge(p.drop(columns=["seeds"]), on=["chain", "task"])
-        tables["biased_forgetting"] = merged
+        tables["biased_forgetting"] = iv.fill(merged, st.BF_SUMMARIES,
+                                              lambda row, kind: _summary_interval(row, kind, groups, by_chain, q))
     curv = _flat(runs, "curvature")
     if not curv.empty:
-        tables["curvature"] = _ci(curv, ["chain", "stage", "task"], "lambda_max")
+        tables["curvature"] = _t_only(_ci(curv, ["chain", "stage", "task"], "lambda_max"))
         points, corr = curvature_vs_forgetting(runs)
         if not points.empty:
             tables["curvature_points"] = points
             tables["curvature_vs_forgetting"] = corr
     replay = replay_rows(runs)
     if not replay.empty:
-        tables["replay"] = replay_table(replay)
+        tables["replay"] = replay_table(replay, runs)
         groups = replay[replay.group != OVERALL]
         if not groups.empty:
-            tables["replay_groups"] = _ci(groups, ["task", "replay_task", "fraction", "group"], "recovery")
+            tables["replay_groups"] = replay_group_table(groups, runs, correction)
     bbq = _flat(runs, "bbq_bias")
     if not bbq.empty:
         dis = _ci(bbq, ["chain", "task", "stage", "category"], "s_dis")
         amb = _ci(bbq, ["chain", "task", "stage", "category"], "s_amb").drop(columns=["seeds"])
-        tables["bbq_bias"] = dis.merge(amb, on=["chain", "task", "stage", "category"])
+        tables["bbq_bias"] = _t_only(dis.merge(amb, on=["chain", "task", "stage", "category"]))
     return tables
 
 
-def replay_table(replay: pd.DataFrame) -> pd.DataFrame:
+def _forgetting_table(forg: pd.DataFrame, by_chain: dict[str, list[RunData]], q: iv.Questions) -> pd.DataFrame:
+    """F and RF over seeds: crossed intervals; one seed: the run's paired-bootstrap interval of F."""
+    keys = ["chain", "task", "trained_stage", "after_stage"]
+    f = _ci(forg, keys, "F")
+    rf = _ci(forg, keys, "RF").drop(columns=["seeds"])
+    table = iv.fill(f.merge(rf, on=keys), ["F", "RF"], lambda row, name: iv.interval(
+        [iv.forgetting_values(q, r, row["task"], row["trained_stage"], row["after_stage"], name)
+         for r in by_chain[row["chain"]]]))
+    single = table.seeds == 1
+    if single.any():
+        one = forg.groupby(keys, as_index=False)[["F_ci_low", "F_ci_high"]].first()  # 1 row per key: aligned
+        boot = table[keys].merge(one, on=keys, how="left")
+        for col in ("F_ci_low", "F_ci_high"):
+            table.loc[single, col] = boot.loc[single.to_numpy(), col].to_numpy()
+        table.loc[single, "ci_method"] = f"{iv.BOOTSTRAP}, F only"
+    return table
+
+
+def _group_table(groups: pd.DataFrame, by_chain: dict[str, list[RunData]], q: iv.Questions,
+                 correction: str) -> pd.DataFrame:
+    """F_g and BF_g over seeds with crossed intervals and p-values (one seed: the run's paired bootstrap), adjusted
+    within each (chain, task) over its included groups."""
+    keys = ["chain", "task", "group"]
+    g = _ci(groups, keys, "F_g")
+    bfg = _ci(groups, keys, "BF_g").drop(columns=["seeds"])
+    sizes = groups.groupby(keys, as_index=False).agg(n=("n", "first"), included=("included", "all"),
+                                                     trained_stage=("trained_stage", "first"),
+                                                     after_stage=("after_stage", "first"))
+    table = g.merge(bfg, on=keys).merge(sizes, on=keys)
+    table["F_g_p_value"] = table["BF_g_p_value"] = math.nan
+    table = iv.fill(table, ["F_g", "BF_g"], lambda row, name: iv.interval(
+        [iv.group_values(q, r, row["task"], row["trained_stage"], row["after_stage"], row["group"], name)
+         for r in by_chain[row["chain"]]]), p_values=True)
+    single = table.seeds == 1
+    if single.any():  # the run's paired bootstrap over questions
+        cols = {"ci_low": "F_g_ci_low", "ci_high": "F_g_ci_high", "p_value": "F_g_p_value",
+                "bf_ci_low": "BF_g_ci_low", "bf_ci_high": "BF_g_ci_high", "bf_p_value": "BF_g_p_value"}
+        have = [c for c in cols if c in groups.columns]
+        one = table[keys].merge(groups.groupby(keys, as_index=False)[have].first(), on=keys, how="left")
+        for c in have:
+            table.loc[single, cols[c]] = one.loc[single.to_numpy(), c].to_numpy()
+        table.loc[single, "ci_method"] = iv.BOOTSTRAP
+    table = iv.adjust(table.drop(columns=["trained_stage", "after_stage"]), ["chain", "task"], ["F_g", "BF_g"],
+                      correction, table["included"])
+    order = [c for c in table.columns if c != "ci_method"] + ["ci_method"]
+    return table[order]
+
+
+def _summary_interval(row: dict, kind: str, groups: pd.DataFrame, by_chain: dict[str, list[RunData]],
+                      q: iv.Questions) -> st.CrossedInterval | str:
+    part = groups[(groups.chain == row["chain"]) & (groups.task == row["task"])]
+    included = part.groupby("group")["included"].all()
+    trained, after = int(part.trained_stage.iloc[0]), int(part.after_stage.iloc[0])
+    return iv.interval([iv.summary_values(q, r, row["task"], trained, after, included[included].index, kind)
+                        for r in by_chain[row["chain"]]], floor=False)
+
+
+def _runs_by_id(runs: list[RunData] | None) -> dict[str, RunData]:
+    return {r.record.run_id: r for r in runs or []}
+
+
+def replay_table(replay: pd.DataFrame, runs: list[RunData] | None = None) -> pd.DataFrame:
     """Per (task, replay_task, fraction) of `replay_rows` (whole task): recovery and capability cost over seeds,
-    and the pair's smallest fraction whose mean recovery is >= 0.9 (NaN if none)."""
+    and the pair's smallest fraction whose mean recovery is >= 0.9 (NaN if none). With the `runs` the rows came
+    from, crossed seed × question intervals; without them, t intervals over seeds."""
+    keys = ["task", "replay_task", "fraction"]
     overall = replay[replay.group == OVERALL]
-    rec = _ci(overall, ["task", "replay_task", "fraction"], "recovery")
-    cost = _ci(overall, ["task", "replay_task", "fraction"], "capability_cost").drop(columns=["seeds"])
-    table = rec.merge(cost, on=["task", "replay_task", "fraction"])
+    rec = _ci(overall, keys, "recovery")
+    cost = _ci(overall, keys, "capability_cost").drop(columns=["seeds"])
+    table = rec.merge(cost, on=keys)
+    by_id = _runs_by_id(runs)
+    if by_id and "run_id" in overall:
+        def compute(row: dict, name: str) -> st.CrossedInterval | str:
+            part = overall[(overall.task == row["task"]) & (overall.replay_task == row["replay_task"])
+                           & (overall.fraction == row["fraction"])]
+            if name == "recovery":
+                return iv.interval([iv.recovery_values(q, by_id[p.run_id], p.replay_task, p.trained_stage, p.stage)
+                                    for p in part.itertuples()])
+            return iv.interval([iv.difference_values(q, by_id[p.run_id], p.task, p.stage - 1, p.stage)
+                                for p in part.itertuples()])
+
+        q = iv.Questions()
+        table = iv.fill(table, ["recovery", "capability_cost"], compute)
+    else:
+        table = _t_only(table)
     table["smallest_f_recovering_90pct"] = [
         M.smallest_recovering_fraction(overall[(overall.task == t) & (overall.replay_task == r)])
         for t, r in zip(table.task, table.replay_task)]
-    return table
+    order = [c for c in table.columns if c != "ci_method"] + ["ci_method"]
+    return table[order]
+
+
+def replay_group_table(groups: pd.DataFrame, runs: list[RunData], correction: str) -> pd.DataFrame:
+    """Per (task, replay_task, fraction, group): recovery over seeds with crossed intervals and p-values of
+    recovery = 0, adjusted within each (task, replay_task, fraction) over its groups."""
+    keys = ["task", "replay_task", "fraction", "group"]
+    by_id, q = _runs_by_id(runs), iv.Questions()
+
+    def compute(row: dict, _: str) -> st.CrossedInterval | str:
+        part = groups[(groups.task == row["task"]) & (groups.replay_task == row["replay_task"])
+                      & (groups.fraction == row["fraction"]) & (groups.group == row["group"])]
+        return iv.interval([iv.recovery_values(q, by_id[p.run_id], p.replay_task, p.trained_stage, p.stage, p.group)
+                            for p in part.itertuples()])
+
+    table = _ci(groups, keys, "recovery").assign(recovery_p_value=math.nan)
+    table = iv.fill(table, ["recovery"], compute, p_values=True)
+    table = iv.adjust(table, keys[:-1], ["recovery"], correction)
+    order = [c for c in table.columns if c != "ci_method"] + ["ci_method"]
+    return table[order]
 
 
 def curvature_vs_forgetting(runs: list[RunData]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -179,19 +294,59 @@ def order_pairs(runs: list[RunData]) -> list[tuple[str, str, str, str]]:
     return pairs
 
 
-def _order_asymmetry(runs: list[RunData], forg: pd.DataFrame) -> pd.DataFrame:
+def _first_rf(run: RunData, task: str) -> float:
+    """RF of `task` (trained at stage 1) after stage 2 of a two-stage run; NaN if the run has none."""
+    return next((f["RF"] for f in run.metrics.get("forgetting", []) if f["task"] == task and f["trained_stage"] == 1),
+                math.nan)
+
+
+def order_difference(pairs: list[tuple[list[RunData], str, list[RunData], str]],
+                     q: iv.Questions | None = None) -> dict[str, Any]:
+    """Mean RF of the first chains' first task minus mean RF of the second chains' first task, over all runs of the
+    given (first runs, first task, second runs, second task) pairs: its crossed seed × question interval and t-test
+    p-value (the two sides have independent seeds; runs of one side with the same seed label are one seed), Welch's
+    t-test p and a permutation test that permutes the order labels of the runs within each pair (exact when the
+    assignments are few). Without per-question data, the interval is Welch's."""
+    q = q or iv.Questions()
+    rf = [([_first_rf(r, a) for r in first], [_first_rf(r, b) for r in second]) for first, a, second, b in pairs]
+    welch = M.order_asymmetry([v for x, _ in rf for v in x], [v for _, y in rf for v in y])
+    perm = st.permutation_test(rf)
+    out = {"RF_first": welch.mean_s_then_c, "RF_second": welch.mean_c_then_s, "difference": welch.difference,
+           "ci_low": welch.ci_low, "ci_high": welch.ci_high, "p_value": welch.p_value, "welch_p_value": welch.p_value,
+           "permutation_p_value": perm.p_value, "n_first": welch.n_s_then_c, "n_second": welch.n_c_then_s,
+           "ci_method": iv.WELCH if welch.n_s_then_c > 1 and welch.n_c_then_s > 1 else iv.NO_INTERVAL,
+           "note": welch.note}
+    blocks = order_blocks(pairs, q)
+    if isinstance(blocks, str):
+        out["ci_method"] += f" ({blocks})" if out["ci_method"] == iv.WELCH else ""
+        return out
+    res = st.crossed_estimate(blocks)
+    return out | {"ci_low": res.ci_low, "ci_high": res.ci_high, "p_value": res.p_value, "ci_method": iv.CROSSED}
+
+
+def order_blocks(pairs: list[tuple[list[RunData], str, list[RunData], str]],
+                 q: iv.Questions) -> list[st.Block] | str:
+    """The crossed blocks of `order_difference`'s RF difference (seed groups 'first' and 'second'), or why not."""
+    sides = [iv.crossed([iv.forgetting_values(q, r, task, 1, 2, "RF") for runs, task in side for r in runs],
+                        name, sign)
+             for side, name, sign in (([(p[0], p[1]) for p in pairs], "first", 1.0),
+                                      ([(p[2], p[3]) for p in pairs], "second", -1.0))]
+    reasons = [s for s in sides if isinstance(s, str)]
+    return "; ".join(dict.fromkeys(reasons)) if reasons else sides[0] + sides[1]
+
+
+def _order_asymmetry(runs: list[RunData], q: iv.Questions) -> pd.DataFrame:
     """For two-stage chains A→B and B→A: RF of A (when B follows) vs RF of B (when A follows), over seeds.
     Two chains are paired only if each task is trained with the same settings in both (and, in a sweep, they
     belong to the same sweep point): an lr-sweep chain A→B is not compared with the main grid's B→A."""
     rows = []
     for chain_ab, chain_ba, a, b in order_pairs(runs):
-        rf_ab = forg[(forg.chain == chain_ab) & (forg.task == a)].RF.to_numpy()
-        rf_ba = forg[(forg.chain == chain_ba) & (forg.task == b)].RF.to_numpy()
-        res = M.order_asymmetry(rf_ab, rf_ba)
+        res = order_difference([([r for r in runs if r.chain == chain_ab], a,
+                                 [r for r in runs if r.chain == chain_ba], b)], q)
         rows.append({"first": f"{chain_ab}: {a}→{b}", "second": f"{chain_ba}: {b}→{a}",
-                     "RF_first": res.mean_s_then_c, "RF_second": res.mean_c_then_s,
-                     "difference": res.difference, "ci_low": res.ci_low, "ci_high": res.ci_high,
-                     "p_value": res.p_value, "seeds": f"{res.n_s_then_c}/{res.n_c_then_s}", "note": res.note})
+                     **{k: res[k] for k in ("RF_first", "RF_second", "difference", "ci_low", "ci_high", "p_value",
+                                            "welch_p_value", "permutation_p_value")},
+                     "seeds": f"{res['n_first']}/{res['n_second']}", "ci_method": res["ci_method"], "note": res["note"]})
     return pd.DataFrame(rows)
 
 
@@ -217,8 +372,8 @@ def replay_rows(runs: list[RunData]) -> pd.DataFrame:
 
     A run without a replay stage whose stages train the same tasks as a replay chain's, through that chain's replay
     stage r, counts as replay fraction 0 at stage r (a plain chain is the f = 0 point of a replay sweep).
-    Columns: chain, seed, stage, task (trained with replay), replay_task, fraction, group, recovery,
-    capability_cost, forgotten."""
+    Columns: chain, seed, run_id, stage, trained_stage (s_S: the stage that last trained replay_task before),
+    task (trained with replay), replay_task, fraction, group, recovery, capability_cost, forgotten."""
     replayed = {tuple(_trained_tasks(r)[:spec["stage"]]): spec for r in runs for spec in replay_specs(r.stage_settings)}
     rows = []
     for run in runs:
@@ -227,7 +382,8 @@ def replay_rows(runs: list[RunData]) -> pd.DataFrame:
             tasks = _trained_tasks(run)
             specs = [spec | {"fraction": 0.0} for prefix, spec in replayed.items()
                      if len(tasks) >= spec["stage"] and tuple(tasks[:spec["stage"]]) == prefix][:1]
-        rows += [{"chain": run.chain, "seed": run.seed, **item} for item in replay_metrics(run.rows, specs)]
+        rows += [{"chain": run.chain, "seed": run.seed, "run_id": run.record.run_id, **item}
+                 for item in replay_metrics(run.rows, specs)]
     return pd.DataFrame(rows)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from chaintune.analysis.tables import lr_sweep_points, replay_points
 from chaintune.errors import ChaintuneError
-from chaintune.io import write_text
+from chaintune.rundir import Folder, RunDir
 from chaintune.report.data import _Experiment, _experiment_dirs, _load, accuracy_matrices, chain_tasks, training_curves
 from chaintune.report.figures import (
     plot_accuracy_matrices, plot_accuracy_matrix, plot_bbq_bias, plot_curvature, plot_curvature_vs_forgetting,
@@ -56,12 +56,19 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = 
         raise ChaintuneError(f"unknown report format '{fmt}'", "use --format html or --format md")
     run_dir = Path(run_dir)
     dirs = _experiment_dirs(run_dir)
-    out = Path(out) if out is not None else run_dir / "report"
-    if out.is_dir() or not out.suffix:  # a folder: the report goes inside it
-        out = out / f"report.{fmt}"
-    out_dir = out.parent
+    if out is None:  # report/ of the run directory: written through it, so a symlinked report/ is refused
+        folder: Folder = RunDir(run_dir)
+        out = folder.root / "report" / f"report.{fmt}"
+    else:
+        out = Path(out)
+        if out.is_dir() or not out.suffix:  # a folder: the report goes inside it
+            out = out / f"report.{fmt}"
+        folder = Folder(out.parent)
+        out = folder.root / out.name
+    for path in (out, out.parent / "figures" / "x", out.parent / "tables" / "x"):  # before any work
+        folder.path_for_write(path)
     exps = [_load(d) for d in dirs]
-    b = _Builder(out_dir)
+    b = _Builder(folder, out.parent)
     def tags(e: _Experiment) -> tuple[str, str]:  # in a sweep, titles and file names carry the experiment folder
         return (f" — {e.path.name}", f"{e.path.name}_") if len(exps) > 1 else ("", "")
 
@@ -76,5 +83,5 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, fmt: str = 
                 f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} · {len(b.names['figure'])} figures "
                 f"(PNG + PDF in figures/), {len(b.names['table'])} tables (CSV + Markdown in tables/)")
     text = _html(b, title, subtitle) if fmt == "html" else _markdown(b, title, subtitle)
-    write_text(out, text)
+    folder.write_text(out, text)
     return out

@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from chaintune.analysis import RunData, load_runs, summary_tables
 from chaintune.analysis.records import runs_from_results
 from chaintune.analysis.tables import overall_rows
 from chaintune.errors import ChaintuneError
-from chaintune.rundir import RunDir
+from chaintune.rundir import RunDir, read_table
 
 
 # -------------------------------------------------------------------------------------------- reading a run directory
@@ -30,17 +29,6 @@ def _experiment_dirs(run_dir: Path) -> list[Path]:
     return subs
 
 
-def _read_results(exp_dir: Path) -> pd.DataFrame:
-    if (exp_dir / "results.parquet").is_file():
-        return pd.read_parquet(exp_dir / "results.parquet")
-    return pd.read_csv(exp_dir / "results.csv")
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else {}
 
 
 @dataclass
@@ -68,14 +56,14 @@ def _run_chains(out: RunDir, runs: list[RunData]) -> list[dict[str, Any]]:
 
 def _load(exp_dir: Path) -> _Experiment:
     out = RunDir(exp_dir)
-    config = _read_yaml(out.experiment_path)
-    results = _read_results(exp_dir)
-    try:
+    config = out.experiment() if out.experiment_path.is_file() else {}
+    results = out.results()
+    if out.run_ids():  # analysed from the records, as `chaintune summarize` does (a corrupt record is an error)
         runs = load_runs(out)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tables = summary_tables(runs)
-    except ChaintuneError:  # results without stage records: only the sections computed from accuracies
+    else:  # results without run records: only the sections computed from accuracies
         runs, tables = runs_from_results(results, config), {}
     config["chains"] = _run_chains(out, runs) or config.get("chains", [])
     return _Experiment(exp_dir, str(config.get("name") or exp_dir.name), results, config, out.environment(), tables,
@@ -89,7 +77,7 @@ def training_curves(run_dir: str | Path) -> pd.DataFrame:
         path = out.run_dir(run_id) / "train_curves.csv"
         if path.is_file():
             run = out.run(run_id)
-            frames.append(pd.read_csv(path).assign(chain=run.chain, seed=run.seed))
+            frames.append(read_table(path).assign(chain=run.chain, seed=run.seed))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

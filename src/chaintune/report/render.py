@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from chaintune.formatting import display_frame
-from chaintune.io import atomic_path, write_text
+from chaintune.rundir import Folder
 from chaintune.report.style import DPI, RC
 
 
@@ -58,8 +58,8 @@ class _Section:
 class _Builder:
     """Collects sections; saves every figure (PNG + PDF) and table (CSV + Markdown) as it is added."""
 
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
+    def __init__(self, folder: Folder, out_dir: Path):
+        self.folder, self.out_dir = folder, out_dir  # every file is written through `folder` (no symlinked subfolder)
         self.sections: list[_Section] = []
         self.names: dict[str, set[str]] = {"figure": set(), "table": set()}
 
@@ -80,17 +80,17 @@ class _Builder:
         buf = io.BytesIO()
         with mpl.rc_context(RC):
             fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
-            with atomic_path(self.out_dir / "figures" / f"{name}.pdf") as tmp:
+            with self.folder.atomic(self.out_dir / "figures" / f"{name}.pdf") as tmp:
                 fig.savefig(tmp, format="pdf", facecolor="white", metadata={"CreationDate": None})
-        with atomic_path(self.out_dir / "figures" / f"{name}.png") as tmp:
+        with self.folder.atomic(self.out_dir / "figures" / f"{name}.png") as tmp:
             tmp.write_bytes(buf.getvalue())
         section.items.append(_Item("figure", name, caption, buf.getvalue(), float(fig.get_figwidth())))
 
     def table(self, section: _Section, name: str, df: pd.DataFrame, caption: str) -> None:
         name = self._name(name, "table")
         shown, numeric = display_frame(df)
-        write_text(self.out_dir / "tables" / f"{name}.csv", df.to_csv(index=False))
-        write_text(self.out_dir / "tables" / f"{name}.md", f"{caption}\n\n{_md_table(shown, numeric)}\n")
+        self.folder.write_text(self.out_dir / "tables" / f"{name}.csv", df.to_csv(index=False))
+        self.folder.write_text(self.out_dir / "tables" / f"{name}.md", f"{caption}\n\n{_md_table(shown, numeric)}\n")
         section.items.append(_Item("table", name, caption, table=shown, numeric=numeric))
 
     def text(self, section: _Section, text: str) -> None:

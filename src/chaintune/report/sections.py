@@ -50,10 +50,12 @@ def _gate(b: _Builder, exp: _Experiment, tag: str, prefix: str) -> None:
 
 
 def _ci_note(tables: Mapping[str, pd.DataFrame], key: str) -> str:
+    """The error bars' methods, as the table's `ci_method` column records them."""
     df = tables.get(key)
-    seeds = int(df["seeds"].max()) if df is not None and "seeds" in df.columns and len(df) else 0
-    return ("Error bars: 95% t-interval over seeds." if seeds > 1 else
-            "One seed: no interval over seeds (run more seeds for error bars).")
+    methods = list(dict.fromkeys(df["ci_method"])) if df is not None and "ci_method" in df.columns else []
+    if not methods:
+        return "No intervals (run more seeds for error bars)."
+    return f"Error bars: 95% intervals — {'; '.join(methods)}."
 
 
 def _overview(b: _Builder, exp: _Experiment, tag: str, prefix: str) -> None:
@@ -85,7 +87,8 @@ def _overview(b: _Builder, exp: _Experiment, tag: str, prefix: str) -> None:
                 "over seeds [95% CI].")
     if "order_asymmetry" in t and not t["order_asymmetry"].empty:
         b.table(sec, f"{prefix}order_asymmetry", t["order_asymmetry"],
-                "Order asymmetry: RF(A→B) vs RF(B→A), difference [95% Welch CI] and Welch t-test p.")
+                "Order asymmetry: RF(A→B) vs RF(B→A), difference [95% CI, see ci_method] with its p-value, Welch's "
+                "t-test p and a permutation test over the runs' order labels.")
     notes = [f"{run.record.run_id}: {w}" for run in exp.runs for w in run.metrics.get("warnings", [])]
     if notes:
         shown = notes[:12] + ([f"… and {len(notes) - 12} more"] if len(notes) > 12 else [])
@@ -107,7 +110,8 @@ def _groups(b: _Builder, exp: _Experiment, tag: str, prefix: str) -> None:
                      f"{min_size or 'min_group_size'} test questions: shown, but left out of the BF summaries. "
                      f"{_ci_note(t, 'group_forgetting')}")
         b.table(sec, f"{prefix}group_forgetting", g, "Per-group forgetting F_g and biased forgetting BF_g = F_g − F "
-                "(pp), mean over seeds [95% CI]; included = counted in the summaries.")
+                "(pp), mean over seeds [95% CI]; included = counted in the summaries; p-values adjusted over the "
+                "included groups of each chain × task (adj_p, significant = adjusted p < 0.05; see correction).")
     if "biased_forgetting" in t:
         b.table(sec, f"{prefix}biased_forgetting", t["biased_forgetting"],
                 "Biased-forgetting summaries over included groups: BF_max = max |BF_g|, BF_spread = max F_g − "
@@ -171,7 +175,7 @@ def _sweeps(b: _Builder, exps: Sequence[_Experiment]) -> None:
         b.figure(sec, "replay", plot_replay(rp),
                  "Replay: recovery = (R[r][S] − R[r−1][S]) / (R[s_S][S] − R[r−1][S]) (% of the forgetting undone) "
                  "and capability cost = R[r−1][C] − R[r][C] (pp) vs the replay fraction f (mean over seeds, 95% CI).")
-        b.table(sec, "replay_summary", replay_table(replay),
+        b.table(sec, "replay_summary", replay_table(replay, None if many else exps[0].runs),
                 "Replay per fraction f: recovery (fraction, 1 = all forgetting undone) and capability cost (pp), "
                 "mean over seeds [95% CI]; smallest f with mean recovery ≥ 0.9 (the summary's replay table).")
         b.table(sec, "replay_runs", rp[cols], "Replay per run.")

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from chaintune.errors import ChaintuneError, DataError
+from chaintune.hub import require_hub
 from chaintune.tasks import builtin as _builtin  # noqa: F401  (registers the built-in tasks)
 from chaintune.tasks.base import (_ON_REGISTER, SPLITS, Example, Splits, TaskSpec, builtin_task_names, canonical_task_name,
                                   default_data_dir, get_task, register_task, resolve_data_dir, task_names)
@@ -21,18 +22,15 @@ __all__ = ["Example", "Splits", "TaskSpec", "SPLITS", "UserTaskSpec", "builtin_t
            "register_user_task", "register_user_tasks", "resolve_data_dir", "task_names"]
 
 
-def _online() -> bool:
-    return not (os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1")
-
-
 @functools.lru_cache(maxsize=32)
 def _load_splits_cached(name: str, data_dir: Path | None, seed: int) -> Splits:
     spec = get_task(name)
     if data_dir is not None or not spec.needs_data_dir:
         return spec.load(data_dir or Path("."), seed)
-    if spec.hf_load is None or not _online():
-        raise DataError(f"task '{name}' needs a data directory and none was found",
-                        "pass --data-dir, set CHAINTUNE_DATA_DIR, or place the data in ../shared/data")
+    fix = "pass --data-dir, set CHAINTUNE_DATA_DIR, or place the data in ../shared/data"
+    if spec.hf_load is None:
+        raise DataError(f"task '{name}' needs a data directory and none was found", fix)
+    require_hub(f"task '{name}' without a data directory", fix)
     try:
         return spec.hf_load(seed)
     except Exception as exc:  # network errors surface from many libraries

@@ -23,12 +23,12 @@ def _decode_error(path: Path, exc: UnicodeDecodeError) -> DataError:
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object, refusing repeated keys (json.loads would silently keep the last value)."""
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise ValueError(f"key '{key}' appears twice in one object")
-        seen.add(key)
-    return dict(pairs)
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"key '{repeated}' appears twice in one object")
+    return obj
 
 
 def _parse_json(text: str) -> Any:
@@ -40,7 +40,7 @@ def _parse_json(text: str) -> Any:
 
 
 def _json_problem(exc: ValueError) -> str:
-    return exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+    return f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
 
 
 _READ_ERRORS = (OSError, EOFError, zlib.error)  # zlib.error: corrupt gzip data

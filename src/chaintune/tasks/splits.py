@@ -27,7 +27,8 @@ def drop_duplicates(items: Sequence[T], key: Callable[[T], Hashable]) -> list[T]
     return kept
 
 
-def _n_test(n: int, test_fraction: float) -> int:
+def n_test(n: int, test_fraction: float) -> int:
+    """round(n × test_fraction), but at least 1 test and 1 train item when n > 1."""
     return min(n - 1, max(1, round(n * test_fraction))) if n > 1 else 0
 
 
@@ -41,7 +42,7 @@ def stratified_split(items: Sequence[T], stratum: Callable[[T], Hashable], test_
     for key in sorted(by_stratum, key=str):
         idx = by_stratum[key]
         rng = random.Random(stable_seed(salt, seed, key))
-        test_idx.update(rng.sample(idx, _n_test(len(idx), test_fraction)))
+        test_idx.update(rng.sample(idx, n_test(len(idx), test_fraction)))
     train = [x for i, x in enumerate(items) if i not in test_idx]
     test = [x for i, x in enumerate(items) if i in test_idx]
     return train, test
@@ -57,7 +58,7 @@ def grouped_split(items: Sequence[T], unit: Callable[[T], Hashable], stratum: Ca
     for key in sorted(units_by_stratum, key=str):
         units = sorted(units_by_stratum[key], key=str)
         rng = random.Random(stable_seed(salt, seed, key))
-        test_units.update(rng.sample(units, _n_test(len(units), test_fraction)))
+        test_units.update(rng.sample(units, n_test(len(units), test_fraction)))
     train = [x for x in items if unit(x) not in test_units]
     test = [x for x in items if unit(x) in test_units]
     return train, test

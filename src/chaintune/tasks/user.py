@@ -6,18 +6,21 @@ import logging
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from chaintune.errors import ConfigError, DataError
+from chaintune.errors import ConfigError, DataError, validation_problems
 from chaintune.io import file_sha256
 from chaintune.names import NAME_PATTERN
 from chaintune.tasks.base import Example, Splits, builtin_task_names, register_task, registered_origin
 from chaintune.tasks.readers import read_csv, read_jsonl
-from chaintune.tasks.splits import stratified_split
+from chaintune.tasks.splits import n_test, subsample
 
 log = logging.getLogger(__name__)
+
+
+Column = Annotated[str, Field(min_length=1)]  # a column name of the user's file
 
 
 class UserTaskSpec(BaseModel):
@@ -29,13 +32,13 @@ class UserTaskSpec(BaseModel):
     path: Path
     kind: Literal["safety", "capability", "other"] = "other"
     prompt_template: str = "Question: {question}\nAnswer:"
-    question: str = "question"
-    choices: str | list[str] = "choices"
-    answer: str = "answer"
-    group: str | None = None
-    id: str | None = None
-    split: str | None = None  # column whose values are train/validation/test; else a seeded 80/20 split
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+    question: Column = "question"
+    choices: Column | list[Column] = "choices"
+    answer: Column = "answer"
+    group: Column | None = None
+    id: Column | None = None
+    split: Column | None = None  # column whose values are train/validation/test; else a seeded split:
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # round(n × test_fraction) records, stratified by (group, answer)
 
     @field_validator("prompt_template")
     @classmethod
@@ -159,16 +162,21 @@ def split_user_examples(examples: list[Example], spec: UserTaskSpec, seed: int) 
             splits.setdefault(ex.meta["split"], []).append(ex)
         return splits
     unique = _drop_exact_duplicates(examples, spec)
-    train, test = stratified_split(unique, lambda e: (e.group, e.gold), spec.test_fraction, seed, spec.name)
-    return {"train": train, "test": test}
+    test = subsample(unique, n_test(len(unique), spec.test_fraction), seed, group=lambda e: (e.group, e.gold),
+                     salt=spec.name)  # exactly round(n·f) over all strata, even when each stratum is small
+    held = {id(e) for e in test}
+    return {"train": [e for e in unique if id(e) not in held], "test": test}
 
 
 def parse_user_task(spec: UserTaskSpec | dict[str, Any]) -> UserTaskSpec:
     """Validate a user task spec (a config's custom_tasks entry) without registering it."""
     try:
         return spec if isinstance(spec, UserTaskSpec) else UserTaskSpec.model_validate(spec)
-    except ValueError as exc:
-        raise ConfigError(f"invalid user task spec: {exc}".replace("\n", "; "), "see docs/tasks.md") from None
+    except ValidationError as exc:
+        name = spec.get("name") if isinstance(spec, dict) else None
+        problems = "; ".join(f"{loc}: {msg}" for loc, msg in validation_problems(exc))
+        raise ConfigError(f"user task {str(name)[:64]!r}: {problems}" if name else f"user task: {problems}",
+                          "fix the task spec (see docs/tasks.md, 'Your own dataset')") from None
 
 
 def register_user_task(spec: UserTaskSpec | dict[str, Any]) -> str:
