@@ -1,4 +1,4 @@
-"""Machine settings (chaintune.runtime): the device plan picks SDPA, bf16 autocast and fused AdamW on CUDA (tested
+"""Machine settings (chaintune.runtime): the device plan picks SDPA, bf16 autocast on CUDA (tested
 with the device logic mocked, on the CPU), the trainer applies the plan, and the process-wide CPU settings apply."""
 from __future__ import annotations
 
@@ -18,8 +18,12 @@ from chaintune.tasks import Example
 EXAMPLES = [Example(f"e{i}", f"Question: is {i} an even number?\nAnswer:", (" yes", " no"), i % 2) for i in range(8)]
 
 
-def test_cpu_plan_is_fp32_sdpa_and_multi_tensor_adamw():
-    assert device_plan(torch.device("cpu")) == DevicePlan(attention="sdpa", autocast=None, fused_adamw=False)
+def test_cpu_plan_is_fp32_sdpa_and_fused_adamw():
+    assert device_plan(torch.device("cpu")) == DevicePlan(attention="sdpa", autocast=None, fused_adamw=True)
+
+
+def test_a_device_without_the_fused_kernel_gets_the_multi_tensor_adamw():
+    assert device_plan(torch.device("xpu")) == DevicePlan(attention="sdpa", autocast=None, fused_adamw=False)
 
 
 @pytest.mark.parametrize("bf16, autocast", [(True, torch.bfloat16), (False, None)])
@@ -52,7 +56,8 @@ def test_trainer_applies_the_plan(monkeypatch):
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_trainer_on_the_cpu_uses_the_exact_multi_tensor_adamw(monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_trainer_builds_the_adamw_of_the_plan(monkeypatch, fused):
     built = []
 
     class RecordingAdamW(torch.optim.AdamW):
@@ -61,11 +66,12 @@ def test_trainer_on_the_cpu_uses_the_exact_multi_tensor_adamw(monkeypatch):
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
-    from chaintune.train import train_stage
+    from chaintune import train
 
+    monkeypatch.setattr(train, "device_plan", lambda device: DevicePlan("sdpa", None, fused))
     model, tokenizer = tiny_llama(seed=0)
-    train_stage(model, tokenizer, EXAMPLES, TrainingConfig(lr=1e-3, batch_size=4, max_steps=1), seed=0)
-    assert built[0].get("foreach") is True and "fused" not in built[0]
+    train.train_stage(model, tokenizer, EXAMPLES, TrainingConfig(lr=1e-3, batch_size=4, max_steps=1), seed=0)
+    assert (built[0].get("fused"), built[0].get("foreach")) == ((True, None) if fused else (None, True))
 
 
 def test_passive_omp_wait_only_claims_this_process_before_torch(monkeypatch):

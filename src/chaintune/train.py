@@ -242,9 +242,8 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
     the same weights as an uninterrupted one. With `cfg.select_best`, the loss on `validation` is measured every
     `cfg.eval_every` steps (and after the last) and the model ends with the weights of the lowest one. A NaN or
     infinite loss raises `DivergedError` (weights of the last finite step kept). With `compile`, the decoder runs
-    compiled (`compile_decoder`) and AdamW fused (one kernel; it rounds differently from the multi-tensor one, about
-    2e-7 relative); the compilation happens in a warm-up forward + backward before the first step, timed as the
-    result's `compile_seconds`.
+    compiled (`compile_decoder`); the compilation happens in a warm-up forward + backward before the first step,
+    timed as the result's `compile_seconds`.
     """
     from tqdm.auto import tqdm
 
@@ -264,7 +263,7 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     params = list(_trainable(model).values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=1e-8,
-                                  **({"fused": True} if plan.fused_adamw or compile else {"foreach": True}))
+                                  **({"fused": True} if plan.fused_adamw else {"foreach": True}))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     anchor = [p.detach().clone() for p in params] if cfg.l2_prev > 0 else None  # weights at the stage start
