@@ -1,7 +1,7 @@
 """The training loop's results stay what they were before the speed work of issue 20: seeded stages on the tiny
 Llama give the loss / gradient-norm curves that the code of 3660c6a wrote to tests/fixtures/reference_curves.json
 (`python tests/test_train_reference.py make` rewrote them, with that code on PYTHONPATH). The default path must match
-to float-reduction tolerance; the compiled path (slow) to a looser one."""
+to float-reduction tolerance; the compiled path (slow) to the same."""
 from __future__ import annotations
 
 import json
@@ -20,7 +20,7 @@ CASES = {
     "lora": dict(method="lora", lr=2e-2, batch_size=4, max_steps=8, lora={"r": 4, "alpha": 8}),
     "sam_l2": dict(method="full", lr=3e-3, batch_size=6, max_steps=6, optimizer="sam", l2_prev=0.1),
 }
-RTOL = 1e-5  # the default path: float-reduction differences only (measured: 0, it is bit-identical here)
+RTOL = 1e-5  # the default path: float-reduction differences only (measured: 2.3e-7, the fused AdamW rounds differently)
 RTOL_COMPILED = 1e-5  # fused kernels round differently (measured: 6e-7 at most)
 
 
