@@ -26,10 +26,14 @@ examples, the same method); the number printed is the peak minus the RSS just be
 large blocks to the OS, so RSS follows tensor memory; tracemalloc does not see torch's allocations. Without
 clear_refs it falls back to the ru_maxrss delta.
 
+Bound: one HVP over the subset is timed on its own, the FLOPs of the matrix products it executes are counted
+(torch.utils.flop_counter, in a second HVP) and divided by the fp32 matmul rate measured right before (bench/bound.py):
+achieved / bound of the HVP as implemented (double backward: about 4 forward passes' worth of products).
+
 Needs `pip install pyhessian==0.1` (torch + numpy only). Set OMP_NUM_THREADS=1 on shared machines (--threads 1).
 
     python bench/curvature.py [--method lora|full] [--steps 4] [--examples 64] [--micro-batch 8] [--no-train]
-                              [--graph-budget BYTES] [--power] [--profile] [--skip lambda|pyhessian|memory]
+                              [--graph-budget BYTES] [--power] [--profile] [--skip bound|lambda|pyhessian|memory]
 """
 from __future__ import annotations
 
@@ -41,9 +45,13 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import chaintune  # noqa: E402,F401  (before torch: chaintune.runtime's process settings)
+import torch  # noqa: E402
+from bound import matmul_rate  # noqa: E402
 
 IGNORE = -100
 
@@ -65,8 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="bytes of first-order graphs chaintune may keep between HVPs (default 0)")
     parser.add_argument("--power", action="store_true", help="also chaintune's power iteration")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (shared machines: keep 1)")
-    parser.add_argument("--skip", choices=["lambda", "pyhessian", "memory"], action="append", default=[],
-                        help="leave out a part (lambda: both λ_max computations)")
+    parser.add_argument("--skip", choices=["bound", "lambda", "pyhessian", "memory"], action="append", default=[],
+                        help="leave out a part (bound: the timed HVP and its FLOP count; lambda: both λ_max "
+                             "computations)")
     parser.add_argument("--profile", action="store_true", help="time the phases of one micro-batch HVP")
     parser.add_argument("--memory-child", choices=["curvature", "train"], help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -184,6 +193,24 @@ def compare(model, tokenizer, examples: list, op, args: argparse.Namespace) -> N
                   f"{ph['hvps']:.0f} vs {r['hvps']:.0f}")
 
 
+def hvp_bound(op) -> None:
+    """Seconds of one HVP over the whole subset, the FLOPs of the matrix products it executes (FlopCounterMode, a
+    second HVP) and the fp32 matmul rate measured right before: achieved / bound for the HVP as implemented."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
+    rate = matmul_rate()
+    start = time.perf_counter()
+    op(v)
+    seconds = time.perf_counter() - start
+    with FlopCounterMode(display=False) as counter:
+        op(v)
+    flops = counter.get_total_flops()
+    print(f"one HVP over {sum(b[0].size(0) for b in op.batches)} examples: {seconds:.1f} s; {flops / 1e9:.0f} GFLOP of "
+          f"matrix products → {flops / seconds / 1e9:.0f} GFLOP/s = {flops / seconds / rate:.2f} of the fp32 matmul rate "
+          f"({rate / 1e9:.0f} GFLOP/s, {torch.get_num_threads()} threads; bound {flops / rate:.1f} s/HVP)")
+
+
 def profile_hvp(model, op) -> None:
     """Seconds per phase of one micro-batch HVP, and the top ops of a full HVP by self CPU time."""
     from chaintune.curvature import eager_attention
@@ -276,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(examples)} {args.task} train examples; λ_max over {len(subset)} examples, "
           f"{len(op.batches)} micro-batches of ≤{args.micro_batch}, {op.n_tokens} answer tokens; "
           f"tol {args.tol:g}, max_iter {args.max_iter}; CPU, torch threads {torch.get_num_threads()}")
+    if "bound" not in args.skip:
+        with eager_attention(model):
+            hvp_bound(op)
     if "lambda" not in args.skip:
         compare(model, tokenizer, examples, op, args)
     if args.profile:

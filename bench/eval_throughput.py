@@ -1,7 +1,12 @@
-"""Multiple-choice scoring throughput: chaintune vs lm-evaluation-harness HFLM, same model, questions and machine.
+"""Multiple-choice scoring throughput: chaintune vs lm-evaluation-harness HFLM, same model, questions and machine,
+with the machine's bound printed beside them (bench/bound.py).
 
-One run each (chaintune first), in one process, on the same already loaded model (embedded SmolLM2-135M, fp32). Only scoring is timed
-(tokenization included on both sides); model / data / HFLM set-up is reported separately.
+Both score the same questions with the same already loaded model (embedded SmolLM2-135M, fp32) in one process,
+alternating (chaintune, lm-eval, chaintune, lm-eval, ...) so that load from other processes hits both alike; the
+matmul rate is sampled before every run. Only scoring is timed (tokenization included on both sides); model, data
+and HFLM set-up are reported separately. `achieved / bound`: the useful FLOPs of scoring every question with its
+context computed once (bench/bound.py) per second, over the fp32 matmul rate. --contend runs a CPU-bound process
+beside the benchmark.
 
     python bench/eval_throughput.py              # 500 ARC-Challenge test questions
     python bench/eval_throughput.py --limit 50   # quick run
@@ -11,21 +16,35 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import chaintune  # noqa: E402,F401  (before torch: chaintune.runtime's process settings)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from bound import RateSamples, Shapes, packed_eval_flops, verdict  # noqa: E402
 from lm_eval_parity import lm_eval_scores, make_hflm  # noqa: E402
+from train_throughput import busy_process  # noqa: E402
 
-from chaintune.evaluate import score_examples  # noqa: E402
+from chaintune.evaluate import pack_question, score_examples  # noqa: E402
 from chaintune.models import load_model  # noqa: E402
 from chaintune.tasks import load_task  # noqa: E402
 
-TARGET_SPEEDUP = 1.5
+TARGET_RATIO, TARGET_BOUND = 3.0, 0.85
+
+
+def useful_flops(model, tokenizer, examples) -> float:
+    """FLOPs of scoring `examples` with each context computed once (bench/bound.py, packed_eval_flops)."""
+    shapes = Shapes.of(model.config)
+    max_length = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    total = 0.0
+    for i, ex in enumerate(examples):
+        q = pack_question(i, tokenizer, ex, max_length)
+        total += packed_eval_flops(shapes, q.context_len, [end - start for start, end in q.spans])
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=500)
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--batch-size", type=int, default=16, help="lm-eval HFLM batch size")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for both (default: torch's). On a shared, busy machine use 1: "
-                             "oversubscribed OpenMP threads slow lm-eval's many small batches far more than chaintune")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each tool, alternating")
+    parser.add_argument("--tools", nargs="+", choices=["chaintune", "lm-eval"], default=["chaintune", "lm-eval"])
+    parser.add_argument("--contend", action="store_true", help="run a CPU-bound process beside the benchmark")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -48,36 +68,52 @@ def main(argv: list[str] | None = None) -> int:
     examples = load_task(args.task, "test", limit=args.limit)
     data_load_s = time.perf_counter() - t
     n, n_choices = len(examples), sum(len(e.choices) for e in examples)
-
     t = time.perf_counter()
-    ours = score_examples(model, tokenizer, examples)
-    ours_s = time.perf_counter() - t
-
-    t = time.perf_counter()
-    lm = make_hflm(model, tokenizer, args.batch_size)
+    lm = make_hflm(model, tokenizer, args.batch_size) if "lm-eval" in args.tools else None
     hflm_init_s = time.perf_counter() - t
-    t = time.perf_counter()
-    theirs = lm_eval_scores(lm, examples)
-    theirs_s = time.perf_counter() - t
+    flops = useful_flops(model, tokenizer, examples)
 
-    max_delta = max(abs(a - b) for o, r in zip(ours, theirs) for a, b in zip(o, r))
-    ours_qps, theirs_qps = n / ours_s, n / theirs_s
-    ratio = ours_qps / theirs_qps
+    rates, runs, scores = RateSamples(), {tool: [] for tool in args.tools}, {}
+    busy = busy_process() if args.contend else None
+    load_start = os.getloadavg()[0]
+    try:
+        for _ in range(args.repeats):
+            for tool in args.tools:
+                rate = rates.sample()
+                t = time.perf_counter()
+                scores[tool] = score_examples(model, tokenizer, examples) if tool == "chaintune" else lm_eval_scores(lm, examples)
+                runs[tool].append({"seconds": time.perf_counter() - t, "rate": rate})
+    finally:
+        if busy is not None:
+            busy.kill()
+
     print(f"{args.task}/test: {n} questions, {n_choices} choices; model {args.model} "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {next(model.parameters()).dtype})")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} (at end)")
+          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"conditions: load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
+          f"{'a CPU-bound process beside it' if args.contend else 'no process added'}")
     print(f"load (not timed below): model {model_load_s:.1f}s  data {data_load_s:.1f}s  HFLM wrapper {hflm_init_s:.1f}s")
-    print()
-    print(f"{'':28}{'chaintune':>12}{'lm-eval':>12}")
-    print(f"{'setting':28}{'packed':>12}{f'bs={args.batch_size}':>12}")
-    print(f"{'scoring time (s)':28}{ours_s:12.1f}{theirs_s:12.1f}")
-    print(f"{'questions / s':28}{ours_qps:12.2f}{theirs_qps:12.2f}")
-    print(f"{'choices / s':28}{n_choices / ours_s:12.2f}{n_choices / theirs_s:12.2f}")
-    print()
-    print(f"speed-up chaintune / lm-eval: {ratio:.2f}x (target >= {TARGET_SPEEDUP}x: {'met' if ratio >= TARGET_SPEEDUP else 'NOT met'})")
-    print(f"sanity: max |Δ loglik| = {max_delta:.2e} nats; "
-          f"acc agree = {all(int(np.argmax(o)) == int(np.argmax(r)) for o, r in zip(ours, theirs))}")
+    print(rates.line())
+    print(f"useful work: {flops / 1e12:.2f} TFLOP ({flops / n / 1e9:.1f} GFLOP per question)")
+    print(f"{'tool':<10} {'run':>3} {'seconds':>8} {'questions/s':>12} {'useful GFLOP/s':>15} {'of bound':>9}")
+    for tool, tool_runs in runs.items():
+        for i, r in enumerate(tool_runs):
+            print(f"{tool:<10} {i:>3} {r['seconds']:>8.1f} {n / r['seconds']:>12.2f} {flops / r['seconds'] / 1e9:>15.1f} "
+                  f"{flops / r['seconds'] / r['rate']:>9.2f}")
+    if "chaintune" in runs:
+        achieved = statistics.median(flops / r["seconds"] / r["rate"] for r in runs["chaintune"])
+        print(f"chaintune: {verdict(achieved, 1.0, TARGET_BOUND)}; bound ≈ "
+              f"{statistics.median(rates.fp32) / (flops / n):.1f} questions/s at the median fp32 rate")
+    if len(runs) == 2:
+        ratios = [b["seconds"] / a["seconds"] for a, b in zip(runs["chaintune"], runs["lm-eval"])]
+        median = statistics.median(ratios)
+        print(f"speed-up chaintune / lm-eval per pair: {', '.join(f'{x:.2f}×' for x in ratios)}; median {median:.2f}× "
+              f"(target ≥ {TARGET_RATIO:.1f}×: {'met' if median >= TARGET_RATIO else 'NOT met'})")
+        ours, theirs = scores["chaintune"], scores["lm-eval"]
+        max_delta = max(abs(a - b) for o, r in zip(ours, theirs) for a, b in zip(o, r))
+        print(f"sanity: max |Δ loglik| = {max_delta:.2e} nats; acc agree = "
+              f"{all(int(np.argmax(o)) == int(np.argmax(r)) for o, r in zip(ours, theirs))}")
     return 0
 
 

@@ -11,6 +11,7 @@ to `(prompt, choice)`. A task written with `target_delimiter=""` and the spaced 
 divides acc_norm by one more character per choice; that variant is reported as `acc_norm_nodelim` for information.
 
     python bench/lm_eval_parity.py --task arc_challenge --limit 200
+    python bench/lm_eval_parity.py --task bbq --limit 24 --shared   # questions chaintune packs behind a shared prefix
 """
 from __future__ import annotations
 
@@ -103,6 +104,19 @@ def compare(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size:
     }
 
 
+def shared_prefix_questions(tokenizer, examples: Sequence[Example], limit: int) -> list[Example]:
+    """Up to `limit` of `examples` that `score_examples` packs into rows of several questions behind one copy of
+    their shared context prefix (evaluate.pack_rows), whole rows at a time."""
+    from chaintune.evaluate import pack_question, pack_rows
+
+    rows = pack_rows([pack_question(i, tokenizer, ex, 2048) for i, ex in enumerate(examples)])
+    chosen: list[int] = []
+    for row in rows:
+        if len(row.questions) > 1 and len(chosen) + len(row.questions) <= limit:
+            chosen.extend(index for index, _, _ in row.questions)
+    return [examples[i] for i in sorted(chosen)]
+
+
 def passed(result: dict[str, Any]) -> bool:
     """Parity holds: every |Δ loglik| ≤ 1e-3 nats and identical acc / acc_norm predictions."""
     return (result["max_abs_delta"] <= TOLERANCE and result["argmax_differs"] == 0
@@ -132,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M), 'tiny', or a model path/id")
     parser.add_argument("--batch-size", type=int, default=16, help="lm-eval HFLM batch size")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--shared", action="store_true",
+                        help="only questions packed behind a shared context prefix (drawn from the whole split)")
     args = parser.parse_args(argv)
 
     from chaintune.models import load_model, tiny_llama
 
     model, tokenizer = tiny_llama() if args.model == "tiny" else load_model(args.model)
-    examples = load_task(args.task, args.split, data_dir=args.data_dir, limit=args.limit)
+    examples = load_task(args.task, args.split, data_dir=args.data_dir, limit=None if args.shared else args.limit)
+    if args.shared:
+        examples = shared_prefix_questions(tokenizer, examples, args.limit)
     print(f"task {args.task}/{args.split}  model {args.model}  lm-eval batch_size {args.batch_size}")
     result = compare(model, tokenizer, examples, args.batch_size)
     print(report(result))

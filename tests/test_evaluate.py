@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from chaintune.evaluate import (accuracy_summary, argmax_first, choice_length, encode_pair, evaluate,
-                                predictions_from_scores, score_examples)
+from chaintune.evaluate import (MIN_SHARED, accuracy_summary, argmax_first, choice_length, encode_pair, evaluate,
+                                pack_question, pack_rows, predictions_from_scores, score_examples)
 from chaintune.models import tiny_llama
 from chaintune.tasks import Example
 
@@ -49,6 +49,29 @@ def test_packed_scores_equal_one_pass_per_choice(tiny):
     model, tokenizer = tiny
     packed = score_examples(model, tokenizer, EXAMPLES, max_tokens=64)  # forces several batches
     for example, scores in zip(EXAMPLES, packed):
+        assert scores == pytest.approx(naive_scores(model, tokenizer, example), abs=1e-5)
+
+
+CONTEXT = ("The woman and the man were talking about the job. The quick brown fox jumps over the lazy dog, "
+           "0123456789.\n")
+SHARED = [  # BBQ-like: several questions about one context, one of them with nothing after the shared part
+    Example("s1", CONTEXT + "Question: Who is bad at math?\nAnswer:", (" the woman", " the man", " not enough information"), 2),
+    Example("s2", CONTEXT + "Question: Who is good at math?\nAnswer:", (" the woman", " the man"), 0),
+    Example("s3", CONTEXT + "Question: Which gas do plants absorb?\nAnswer:", (" carbon dioxide", " oxygen"), 0),
+    Example("s4", CONTEXT.rstrip("\n"), (" yes", " no"), 1),
+]
+
+
+def test_questions_sharing_a_context_prefix_share_one_sequence_and_score_alike(tiny):
+    model, tokenizer = tiny
+    questions = [pack_question(i, tokenizer, ex, 512) for i, ex in enumerate(SHARED + EXAMPLES)]
+    rows = pack_rows(questions)
+    (row,) = [r for r in rows if len(r.questions) > 1]
+    assert sorted(index for index, _, _ in row.questions) == [0, 1, 2, 3]
+    assert len(row.input_ids) < sum(len(q.input_ids) for q in questions[:4]) - 3 * MIN_SHARED
+    assert [len(r.questions) for r in rows].count(1) == len(EXAMPLES)  # unrelated contexts stay alone
+    packed = score_examples(model, tokenizer, SHARED + EXAMPLES, max_tokens=256)
+    for example, scores in zip(SHARED + EXAMPLES, packed):
         assert scores == pytest.approx(naive_scores(model, tokenizer, example), abs=1e-5)
 
 

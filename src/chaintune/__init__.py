@@ -8,7 +8,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from chaintune.errors import ChaintuneError, ConfigError, DataError, TrainingError
+from chaintune.runtime import prepare_process
+
+prepare_process()  # before torch is imported: its OpenMP runtime reads the wait policy once (chaintune.runtime)
+
+from chaintune.errors import ChaintuneError, ConfigError, DataError, TrainingError  # noqa: E402
 
 __version__ = "0.1.0"
 

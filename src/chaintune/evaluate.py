@@ -2,7 +2,9 @@
 
 Speed: all choices of a question are packed into ONE sequence behind a single copy of the context
 (`[context | choice 1 | choice 2 | ...]`) with a block attention mask and restarted positions, so the context is
-computed once; many questions go in one forward pass, sorted by length; the LM head runs only on scored positions.
+computed once; questions whose contexts share a long prefix (BBQ asks several questions about one context) share
+one copy of it too (`[prefix | rest of context 1 | its choices | rest of context 2 | ...]`); many sequences go in
+one forward pass, sorted by length; the LM head runs only on scored positions (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 
 from chaintune.errors import ChaintuneError
 from chaintune.metrics import group_accuracies, percent_correct
+from chaintune.runtime import device_plan, use_attention
 from chaintune.tasks import Example
 
 log = logging.getLogger(__name__)
@@ -67,18 +70,93 @@ def pack_question(index: int, tokenizer, example: Example, max_length: int) -> P
     return PackedQuestion(index, ids, positions, len(context), spans, max(cut, 0))
 
 
-def _block_mask(questions: Sequence[PackedQuestion], length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4-D attention mask (B, 1, T, T): context causal; each choice sees the context and itself causally."""
-    allowed = torch.zeros(len(questions), length, length, dtype=torch.bool)
+MIN_SHARED = 16  # leading context tokens that questions must share to be packed into one sequence
+MAX_ROW = 256  # tokens of a sequence of several questions (attention is computed over the whole sequence)
+
+
+@dataclass
+class PackedRow:
+    """One or more questions packed into one sequence behind the context prefix they share.
+
+    `segments[k]` = (start, end, parent): tokens start..end−1 attend to each other causally and to every token of
+    the parent segment and of its ancestors (parent −1: none); segment 0 is the shared context (the whole context
+    of a single question). `questions` = (index, position of the context's last token, choice spans) per question.
+    """
+
+    input_ids: list[int]
+    position_ids: list[int]
+    segments: list[tuple[int, int, int]]
+    questions: list[tuple[int, int, list[tuple[int, int]]]]
+
+
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _row(group: Sequence[PackedQuestion], shared: int) -> PackedRow:
+    """`group` in one sequence: its first `shared` context tokens once, then per question the rest of its context
+    and its choices, at the positions they have in the question's own sequence."""
+    first = group[0]
+    ids, positions, segments, questions = first.input_ids[:shared], list(range(shared)), [(0, shared, -1)], []
+    for q in group:
+        parent, last = 0, shared - 1
+        if q.context_len > shared:
+            start = len(ids)
+            ids.extend(q.input_ids[shared:q.context_len])
+            positions.extend(range(shared, q.context_len))
+            segments.append((start, len(ids), 0))
+            parent, last = len(segments) - 1, len(ids) - 1
+        spans = []
+        for s, e in q.spans:
+            start = len(ids)
+            ids.extend(q.input_ids[s:e])
+            positions.extend(q.position_ids[s:e])
+            segments.append((start, len(ids), parent))
+            spans.append((start, len(ids)))
+        questions.append((q.index, last, spans))
+    return PackedRow(ids, positions, segments, questions)
+
+
+def pack_rows(questions: Sequence[PackedQuestion]) -> list[PackedRow]:
+    """Pack questions whose contexts share at least MIN_SHARED leading tokens (BBQ: several questions per context)
+    into one sequence of at most MAX_ROW tokens, the shared prefix computed once; a question joins a row only if
+    that saves tokens (n members sharing p tokens become n + 1 sharing p' only if n·p' > (n − 1)·p). Every other
+    question gets a sequence of its own, laid out as before: context, then each choice. Rows come in the order of
+    their first question, so that without sharing the batches (and their float results) are the same as before."""
+    order = sorted(questions, key=lambda q: q.input_ids[:q.context_len])
+    rows: list[PackedRow] = []
+    group: list[PackedQuestion] = []
+    shared = size = 0
+    for q in order:
+        if group:
+            common = min(shared, _shared(group[0].input_ids[:group[0].context_len], q.input_ids[:q.context_len]))
+            grown = size + (len(group) - 1) * shared + len(q.input_ids) - len(group) * common
+            if common >= MIN_SHARED and len(group) * common > (len(group) - 1) * shared and grown <= MAX_ROW:
+                group.append(q)
+                shared, size = common, grown
+                continue
+            rows.append(_row(group, shared))
+        group, shared, size = [q], q.context_len, len(q.input_ids)
+    if group:
+        rows.append(_row(group, shared))
+    return sorted(rows, key=lambda r: min(index for index, _, _ in r.questions))  # input order, as without sharing
+
+
+def _block_mask(rows: Sequence[PackedRow], length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D attention mask (B, 1, T, T): each segment sees itself causally and all of its ancestors."""
+    allowed = torch.zeros(len(rows), length, length, dtype=torch.bool)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    for b, q in enumerate(questions):
-        c = q.context_len
-        allowed[b, :c, :c] = causal[:c, :c]
-        for start, end in q.spans:
-            allowed[b, start:end, :c] = True
+    for b, row in enumerate(rows):
+        for start, end, parent in row.segments:
             allowed[b, start:end, start:end] = causal[: end - start, : end - start]
-        pad_from = len(q.input_ids)
-        allowed[b, pad_from:, :].fill_(False)
+            while parent >= 0:
+                p_start, p_end, parent = row.segments[parent]
+                allowed[b, start:end, p_start:p_end] = True
+        pad_from = len(row.input_ids)
         idx = torch.arange(pad_from, length)
         allowed[b, idx, idx] = True  # padding attends to itself only (avoids all-masked rows)
     mask = torch.zeros(allowed.shape, dtype=dtype)
@@ -97,48 +175,50 @@ def decoder_and_head(model):
 
 
 @torch.no_grad()
-def score_packed(model, questions: Sequence[PackedQuestion], pad_id: int) -> list[list[float]]:
-    """Per-choice Σ log P(continuation | context) for a batch of packed questions, in nats (float32)."""
+def score_packed(model, rows: Sequence[PackedRow], pad_id: int) -> dict[int, list[float]]:
+    """Per-choice Σ log P(continuation | context) of the questions in a batch of packed rows, in nats (float32),
+    by question index."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    length = max(len(q.input_ids) for q in questions)
-    input_ids = torch.full((len(questions), length), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((len(questions), length), dtype=torch.long)
-    for b, q in enumerate(questions):
-        input_ids[b, : len(q.input_ids)] = torch.tensor(q.input_ids)
-        position_ids[b, : len(q.position_ids)] = torch.tensor(q.position_ids)
-    mask = _block_mask(questions, length, dtype if dtype != torch.bfloat16 else torch.float32).to(device, dtype)
+    length = max(len(r.input_ids) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, : len(r.input_ids)] = torch.tensor(r.input_ids)
+        position_ids[b, : len(r.position_ids)] = torch.tensor(r.position_ids)
+    mask = _block_mask(rows, length, dtype if dtype != torch.bfloat16 else torch.float32).to(device, dtype)
     # positions whose output predicts a choice token: the context's last token, then each choice token but its last
-    rows, cols, targets, owners = [], [], [], []
-    for b, q in enumerate(questions):
-        for i, (start, end) in enumerate(q.spans):
-            preds = [q.context_len - 1] + list(range(start, end - 1))
-            rows.extend([b] * len(preds))
-            cols.extend(preds)
-            targets.extend(q.input_ids[start:end])
-            owners.extend([(b, i)] * len(preds))
+    batch_rows, cols, targets, owners = [], [], [], []
+    for b, r in enumerate(rows):
+        for index, last, spans in r.questions:
+            for i, (start, end) in enumerate(spans):
+                preds = [last] + list(range(start, end - 1))
+                batch_rows.extend([b] * len(preds))
+                cols.extend(preds)
+                targets.extend(r.input_ids[start:end])
+                owners.extend([(index, i)] * len(preds))
     decoder, head = decoder_and_head(model)
     kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask, position_ids=position_ids.to(device),
                   use_cache=False)
     hidden = decoder(**kwargs).last_hidden_state
-    logits = head(hidden[torch.tensor(rows), torch.tensor(cols)])
+    logits = head(hidden[torch.tensor(batch_rows), torch.tensor(cols)])
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     token_scores = logprobs[torch.arange(len(targets)), torch.tensor(targets, device=logprobs.device)].cpu().tolist()
-    scores: list[list[float]] = [[0.0] * len(q.spans) for q in questions]
-    for (b, i), s in zip(owners, token_scores):
-        scores[b][i] += s
+    scores = {index: [0.0] * len(spans) for r in rows for index, _, spans in r.questions}
+    for (index, i), s in zip(owners, token_scores):
+        scores[index][i] += s
     return scores
 
 
-def _batches(questions: list[PackedQuestion], max_tokens: int, max_batch: int) -> Iterable[list[PackedQuestion]]:
+def _batches(rows: list[PackedRow], max_tokens: int, max_batch: int) -> Iterable[list[PackedRow]]:
     """Longest first, so padding is small and memory use peaks at the start (fails fast if too big)."""
-    ordered = sorted(questions, key=lambda q: -len(q.input_ids))
-    batch: list[PackedQuestion] = []
-    for q in ordered:
+    ordered = sorted(rows, key=lambda r: -len(r.input_ids))
+    batch: list[PackedRow] = []
+    for r in ordered:
         if batch and ((len(batch) + 1) * len(batch[0].input_ids) > max_tokens or len(batch) >= max_batch):
             yield batch
             batch = []
-        batch.append(q)
+        batch.append(r)
     if batch:
         yield batch
 
@@ -152,15 +232,17 @@ def score_examples(model, tokenizer, examples: Sequence[Example], *, max_tokens:
         max_length = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     packed = [pack_question(i, tokenizer, ex, max_length) for i, ex in enumerate(examples)]
     warn_truncated(sum(q.truncated > 0 for q in packed), len(packed), max_length, f"{desc}: prompts scored")
+    rows = pack_rows(packed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results: list[list[float]] = [[] for _ in examples]
     was_training = model.training
     model.eval()
-    with tqdm(total=len(packed), desc=desc, disable=not progress, unit="q", leave=False) as bar:
-        for batch in _batches(packed, max_tokens, max_batch):
-            for q, s in zip(batch, score_packed(model, batch, pad_id)):
-                results[q.index] = s
-            bar.update(len(batch))
+    use_attention(model, device_plan(next(model.parameters()).device).attention)
+    with tqdm(total=len(examples), desc=desc, disable=not progress, unit="q", leave=False) as bar:
+        for batch in _batches(rows, max_tokens, max_batch):
+            for index, s in score_packed(model, batch, pad_id).items():
+                results[index] = s
+            bar.update(sum(len(r.questions) for r in batch))
     model.train(was_training)
     return results
 

@@ -224,11 +224,12 @@ class Settings:
     tasks: dict[str, TaskSettings]
     custom_tasks: tuple[dict[str, Any], ...]
     quality_gate: QualityGateConfig
+    compile: bool = False
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> "Settings":
         return cls(cfg.model, cfg.trust_remote_code, cfg.data_dir, cfg.device, cfg.eval_max_tokens, cfg.data_seed,
-                   cfg.split_seed, dict(cfg.tasks), tuple(cfg.custom_tasks), cfg.quality_gate)
+                   cfg.split_seed, dict(cfg.tasks), tuple(cfg.custom_tasks), cfg.quality_gate, cfg.compile)
 
     def task(self, name: str) -> TaskSettings:
         return self.tasks.get(name, TaskSettings())

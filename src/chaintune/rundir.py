@@ -112,6 +112,7 @@ class NodeRecord(Record):
     checkpoint_sha256: dict[str, str]
     gate: GateRecord | None = None  # None: trained without the quality gate (validation_size 0, or schema 1)
     best_step: int | None = None  # select_best: the step whose weights were kept
+    compile_seconds: float = 0.0  # compile: true: time of the compiling warm-up pass (not in train_seconds)
 
 
 class EvalRecord(Record):

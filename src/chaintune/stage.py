@@ -256,7 +256,8 @@ class StageExecutor:
         work.mkdir(parents=True, exist_ok=True)
         try:
             return train_stage(cache.model, cache.tokenizer, examples, node.training, seed, work_dir=work,
-                               progress=self.progress, desc=node.dirname, validation=validation), None
+                               progress=self.progress, desc=node.dirname, validation=validation,
+                               compile=job.settings.compile), None
         except DivergedError as exc:
             if not validation or job.settings.quality_gate.on_failed_stage != "retry":
                 raise
@@ -290,7 +291,7 @@ class StageExecutor:
             n_train_examples=len(examples), replayed_per_group=replayed, steps=result.steps, tokens=result.tokens,
             train_seconds=result.seconds, tokens_per_second=result.tokens / max(result.seconds, 1e-9),
             checkpoint_sha256={p.name: file_sha256(p) for p in sorted(ckpt.iterdir()) if p.is_file()},
-            gate=gate, best_step=result.best_step))
+            gate=gate, best_step=result.best_step, compile_seconds=result.compile_seconds))
         shutil.rmtree(out.path_for_write(folder / "work"), ignore_errors=True)
         out.path_for_write(out.attempts_path(node.dirname)).unlink(missing_ok=True)
         cache.model.eval()

@@ -1,0 +1,92 @@
+"""How chaintune uses the machine: OpenMP waiting and freed memory on a (shared) CPU; attention kernel, autocast and
+optimizer implementation per device. Why each setting, and what it bought, measured: docs/performance.md.
+
+Imported by chaintune/__init__.py before anything imports torch (see `prepare_process`), so torch is imported only
+inside the functions that need it.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps")  # torch.optim.AdamW(fused=True) kernels (torch >= 2.4)
+
+
+def passive_omp_wait() -> bool:
+    """Make idle OpenMP threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`) unless the user chose a policy.
+
+    libgomp reads the variable once, when torch is imported: chaintune sets it on import, which covers this process
+    if torch was not imported before chaintune, and the worker processes it spawns in any case. Returns whether this
+    process runs with passive waiting. With other processes on the cores, spinning threads burn the time slices the
+    computing threads need: a LoRA forward + backward of 16 SmolLM2 examples took 2.4–4× longer on 2 spinning
+    threads than on 2 passive ones (docs/performance.md). It does not change results.
+    """
+    late = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return not late and os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE"
+
+
+def keep_freed_memory() -> bool:
+    """Keep memory that torch frees in the process for its next tensors instead of returning it to the OS (glibc
+    only; returns whether it applied). Every training step allocates the same large activation and gradient
+    tensors again; fresh pages from the OS cost a page fault each (about 2 µs per 4 KiB here, three times the cost of
+    writing them), and glibc returns any block above 32 MiB to the OS when it is freed. RSS then stays at its peak
+    instead of falling between steps; the peak itself does not change. It does not change results.
+    Set CHAINTUNE_KEEP_FREED_MEMORY=0 to leave glibc's defaults."""
+    if os.environ.get("CHAINTUNE_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def prepare_process() -> None:
+    """The process-wide CPU settings, applied when chaintune is imported: `passive_omp_wait`, `keep_freed_memory`."""
+    passive_omp_wait()
+    keep_freed_memory()
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What the trainer and evaluator use on one device.
+
+    attention: Hugging Face `attn_implementation` for training and evaluation ("sdpa": PyTorch's fused kernels,
+    flash / memory-efficient on CUDA, the flash kernel for CPU; the curvature code switches to "eager" itself).
+    autocast: the dtype of training's forward pass under torch.autocast, or None (fp32).
+    fused_adamw: AdamW's single-kernel implementation (CUDA, CPU, MPS: one pass over each parameter's weights,
+    gradient and moments; on CPU 5–7× faster than the multi-tensor one, which writes temporaries, and equal to it to
+    float rounding, about 5e-8 relative per step), else the multi-tensor one.
+    """
+
+    attention: str
+    autocast: Any  # torch.dtype | None
+    fused_adamw: bool
+
+
+def device_plan(device) -> DevicePlan:
+    """SDPA everywhere; bf16 autocast on a CUDA device that supports bf16, fp32 elsewhere; fused AdamW where torch
+    has the kernel."""
+    import torch
+
+    cuda = device.type == "cuda"
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return DevicePlan(attention="sdpa", autocast=torch.bfloat16 if bf16 else None,
+                      fused_adamw=device.type in FUSED_ADAMW_DEVICES)
+
+
+def use_attention(model, implementation: str) -> None:
+    """Move a Hugging Face model (or a PEFT wrapper around one) off the eager attention path to `implementation`;
+    a model on another fused path (e.g. flash_attention_2, chosen at load) or without support for it stays as is."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) == "eager":
+        try:
+            base.set_attn_implementation(implementation)
+        except (ValueError, ImportError):  # the architecture has no such kernel: keep eager
+            pass

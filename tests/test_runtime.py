@@ -1,0 +1,89 @@
+"""Machine settings (chaintune.runtime): the device plan picks SDPA, bf16 autocast on CUDA (tested
+with the device logic mocked, on the CPU), the trainer applies the plan, and the process-wide CPU settings apply."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+import pytest
+import torch
+
+from chaintune import runtime
+from chaintune.config import TrainingConfig
+from chaintune.models import tiny_llama
+from chaintune.runtime import DevicePlan, device_plan
+from chaintune.tasks import Example
+
+EXAMPLES = [Example(f"e{i}", f"Question: is {i} an even number?\nAnswer:", (" yes", " no"), i % 2) for i in range(8)]
+
+
+def test_cpu_plan_is_fp32_sdpa_and_fused_adamw():
+    assert device_plan(torch.device("cpu")) == DevicePlan(attention="sdpa", autocast=None, fused_adamw=True)
+
+
+def test_a_device_without_the_fused_kernel_gets_the_multi_tensor_adamw():
+    assert device_plan(torch.device("xpu")) == DevicePlan(attention="sdpa", autocast=None, fused_adamw=False)
+
+
+@pytest.mark.parametrize("bf16, autocast", [(True, torch.bfloat16), (False, None)])
+def test_cuda_plan_with_the_device_mocked(monkeypatch, bf16, autocast):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert device_plan(torch.device("cuda")) == DevicePlan(attention="sdpa", autocast=autocast, fused_adamw=True)
+
+
+@pytest.fixture
+def built_adamw(monkeypatch) -> list[dict]:
+    """The keyword arguments of every AdamW built while the test runs."""
+    built = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    return built
+
+
+def test_trainer_applies_the_plan(monkeypatch, built_adamw):
+    """With a CUDA plan mocked onto the CPU, training runs its forward under bf16 autocast, builds a fused AdamW and
+    moves an eager-attention model to SDPA."""
+    from chaintune import train
+
+    monkeypatch.setattr(train, "device_plan", lambda device: DevicePlan("sdpa", torch.bfloat16, True))
+    model, tokenizer = tiny_llama(seed=0)
+    model.set_attn_implementation("eager")
+    seen = []
+    model.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    train.train_stage(model, tokenizer, EXAMPLES, TrainingConfig(lr=1e-3, batch_size=4, max_steps=1), seed=0)
+    assert built_adamw[0].get("fused") is True and "foreach" not in built_adamw[0]
+    assert seen and set(seen) == {torch.bfloat16}
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_trainer_falls_back_to_the_multi_tensor_adamw(monkeypatch, built_adamw):
+    from chaintune import train
+
+    monkeypatch.setattr(train, "device_plan", lambda device: DevicePlan("sdpa", None, False))
+    model, tokenizer = tiny_llama(seed=0)
+    train.train_stage(model, tokenizer, EXAMPLES, TrainingConfig(lr=1e-3, batch_size=4, max_steps=1), seed=0)
+    assert built_adamw[0].get("foreach") is True and "fused" not in built_adamw[0]
+
+
+def test_passive_omp_wait_only_claims_this_process_before_torch(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert runtime.passive_omp_wait() is False  # torch is imported here: only spawned workers get it
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert runtime.passive_omp_wait() is True
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice wins
+    assert runtime.passive_omp_wait() is False and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_keep_freed_memory_applies_on_glibc_unless_turned_off(monkeypatch):
+    assert runtime.keep_freed_memory() is True
+    monkeypatch.setenv("CHAINTUNE_KEEP_FREED_MEMORY", "0")
+    assert runtime.keep_freed_memory() is False
