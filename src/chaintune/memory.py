@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -301,23 +300,6 @@ def smallest_fit(shape: ModelShape, training: TrainingConfig, device_bytes: floa
     return None
 
 
-_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
-
-
-def parse_bytes(text: str) -> float:
-    """'80GiB', '80 GB', '24g' (GiB), '1e9' → bytes; a ValueError naming the accepted forms otherwise."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)\s*", text.lower())
-    if not match:
-        raise ValueError(f"'{text}' is not a memory size (e.g. 80GiB, 24GB, 40g)")
-    unit = match.group(2)
-    unit = unit + "ib" if unit in {"k", "m", "g", "t"} else unit
-    value = float(match.group(1)) * _UNITS[unit]
-    if not 0 < value <= 2**60:
-        raise ValueError(f"'{text}' is out of range (a size above 0 and at most 1 EiB)")
-    return value
-
-
 def gib(value: float) -> str:
     return f"{value / 2**30:.2f}"
 
@@ -349,3 +331,57 @@ def measure_peak(fn, device: str = "cpu") -> float:
         live += nbytes
         peak = max(peak, live)
     return float(peak)
+
+
+def memory_table(points: list, setup: Setup, device_bytes: float | None = None) -> tuple[Any, list[str]]:
+    """`chaintune plan --memory`: one row per distinct estimate over the planned stages (GiB per device: the parts,
+    the training peak, the curvature peak), and notes — the shapes used and, with `device_bytes`, the cheapest
+    setup that fits each row. Reads each model's config.json only."""
+    import pandas as pd
+
+    from chaintune.plan import make_plan
+
+    plan = make_plan(points)
+    shapes: dict[str | None, ModelShape] = {}
+    rows: dict[tuple, dict[str, Any]] = {}
+    notes: list[str] = []
+    for job in plan.jobs.values():
+        node = job.node
+        if node.stage is None or job.id.point is not None:
+            continue
+        cfg = plan.points[job.point].cfg
+        if cfg.model not in shapes:
+            shapes[cfg.model] = shape = model_shape(cfg.model, cfg.trust_remote_code)
+            notes.append(f"model {cfg.model or 'embedded SmolLM2-135M'}: {shape.params() / 1e9:.3g} B parameters "
+                         f"(hidden {shape.hidden}, {shape.layers} layers, {shape.heads}/{shape.kv_heads} heads, "
+                         f"MLP {shape.intermediate}, vocab {shape.vocab}, {'tied' if shape.tied else 'untied'} "
+                         "embeddings)")
+        shape, training = shapes[cfg.model], node.training
+        stage_setup = replace(setup, micro_batch=min(setup.micro_batch, math.ceil(training.batch_size / setup.devices)),
+                              checkpointing=setup.checkpointing or training.gradient_checkpointing)
+        estimate = stage_estimate(shape, training, stage_setup, job.curvature)
+        key = (cfg.model, training.method, stage_setup, training.max_length, tuple(round(v) for v in (
+            estimate.peak, estimate.curvature or 0)))
+        row = rows.setdefault(key, {"stages": {}, "model": cfg.model or "embedded", "method": training.method,
+                                    "micro": stage_setup.micro_batch, "tokens": training.max_length,
+                                    **{part: getattr(estimate, part) / 2**30 for part in
+                                       ("weights", "gradients", "optimizer", "activations", "transient")},
+                                    "train peak": estimate.peak / 2**30,
+                                    "HVP peak": None if estimate.curvature is None else estimate.curvature / 2**30,
+                                    "_fit": (shape, training, job.curvature)})
+        row["stages"][node.stage.label] = row["stages"].get(node.stage.label, 0) + 1
+    for number, row in enumerate(rows.values(), 1):
+        labels = sorted(row["stages"])
+        notes.append(f"row {number}: {sum(row['stages'].values())} stage(s): {', '.join(labels)}")
+        row["stages"] = f"{number}: {sum(row['stages'].values())}"
+        shape, training, curvature = row.pop("_fit")
+        if device_bytes is not None:
+            row["fits"] = "yes" if row["train peak"] * 2**30 <= device_bytes else "no"
+            found = smallest_fit(shape, training, device_bytes, setup.precision, curvature)
+            where = (f"{found[0].describe()}: {gib(found[1].peak)} GiB" if found
+                     else "nothing up to 1024 devices")
+            if curvature is not None and found and (found[1].curvature or 0) > device_bytes:
+                where += f" (the curvature after it needs {gib(found[1].curvature)} GiB on one device)"
+            notes.append(f"row {number}, smallest setup within {gib(device_bytes)} GiB per device: {where}")
+    table = pd.DataFrame(list(rows.values()))
+    return (table.drop(columns="model") if len(shapes) == 1 else table), notes
