@@ -7,6 +7,7 @@ The curvature cases measure one Lanczos run of 2 Hessian-vector products the sam
 − 1| ≤ 25 % in every case.
 
     python bench/memory_plan.py [--cases tiny-full,tiny-lora,135m-full,135m-lora,tiny-hvp,135m-hvp] [--seq 128]
+    python bench/memory_plan.py --llama      # the planner's figures for the Llama-3.2-1B and 3.1-8B shapes
 """
 from __future__ import annotations
 
@@ -130,13 +131,38 @@ def mib(value: float) -> str:
     return f"{value / 2**20:.1f}"
 
 
+def llama_figures() -> None:
+    """The planner's figures for the Llama-3.2-1B and Llama-3.1-8B shapes (docs/memory.md): paper settings, batch
+    16, 512 tokens, bf16-mixed; GiB per device."""
+    from chaintune.memory import KNOWN_SHAPES
+
+    print("| model | method | setup | micro-batch | weights | gradients | optimizer | activations | transient | peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.1-8B"):
+        for method in ("full", "lora"):
+            cfg = TrainingConfig(method=method, batch_size=16, max_length=512, lora={"r": 16, "alpha": 32})
+            for setup in (Setup(1, "ddp", False, 16), Setup(1, "ddp", True, 16), Setup(8, "ddp", False, 2),
+                          Setup(8, "fsdp", False, 2), Setup(8, "fsdp", True, 2)):
+                e = training_estimate(KNOWN_SHAPES[name], cfg, setup)
+                where = ("1 GPU" if setup.devices == 1 else f"8 GPUs, {setup.strategy}") + (
+                    ", checkpointing" if setup.checkpointing else "")
+                parts = " | ".join(f"{getattr(e, k) / 2**30:.1f}" for k in ("weights", "gradients", "optimizer",
+                                                                           "activations", "transient"))
+                print(f"| {name.split('/')[1]} | {method} | {where} | {setup.micro_batch} | {parts} | "
+                      f"**{e.peak / 2**30:.1f}** |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--seq", type=int, default=128, help="tokens per example (default 128)")
     parser.add_argument("--batch", type=int, default=16, help="examples per micro-batch (default 16, the paper's)")
     parser.add_argument("--checkpointing", action="store_true", help="also each training case with checkpointing")
+    parser.add_argument("--llama", action="store_true", help="only print the 1B and 8B Llama figures (no measuring)")
     args = parser.parse_args(argv)
+    if args.llama:
+        llama_figures()
+        return 0
     torch.manual_seed(0)
     logging.disable(logging.WARNING)  # the examples are cut to --seq tokens on purpose
     print(f"memory plan vs measured peak — CPU ({torch.get_num_threads()} threads), fp32, SDPA; tolerance "
