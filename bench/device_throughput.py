@@ -56,7 +56,7 @@ def train_row(name: str, device: str, steps: int, batch: int, seq: int) -> dict:
                                               device)
     shape = ModelShape.from_config(model.config.to_dict())
     precision = "bf16-mixed" if device.startswith("cuda") else "fp32"
-    estimate = training_estimate(shape, cfg, Setup(micro_batch=batch, precision=precision), seq=seq,
+    estimate = training_estimate(shape, cfg, Setup(precision=precision), seq=seq,
                                  answer_tokens=max(answer_tokens(tokenizer, e) for e in examples))
     r = result["r"]
     return {"tokens_per_s": r.tokens / r.seconds, "seconds": r.seconds, "peak": peak, "estimate": estimate.peak,

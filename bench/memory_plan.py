@@ -85,7 +85,7 @@ def measure_training(model, tokenizer, cfg: TrainingConfig) -> tuple[float, floa
     measured = baseline + measure_peak(lambda: train_stage(model, tokenizer, examples, cfg, seed=0))
     shape = ModelShape.from_config(model.config.to_dict())
     answers = max(answer_tokens(tokenizer, e) for e in examples)
-    setup = Setup(micro_batch=cfg.batch_size, precision="fp32", checkpointing=cfg.gradient_checkpointing)
+    setup = Setup(precision="fp32")
     estimate = training_estimate(shape, cfg, setup, seq=cfg.max_length, answer_tokens=answers)
     if os.environ.get("MEMORY_PLAN_PARTS"):
         print({k: round(v / 2**20, 1) for k, v in vars(estimate).items() if v is not None})

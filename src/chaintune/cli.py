@@ -186,7 +186,7 @@ def print_memory_plan(points, args: argparse.Namespace) -> int:
 
     precision = args.precision or ("fp32" if points[0].cfg.device == "cpu" else "bf16-mixed")
     setup = Setup(devices=args.nproc_per_node, strategy=args.strategy, checkpointing=args.gradient_checkpointing,
-                  micro_batch=10**9, precision=precision)  # micro-batch: each stage's batch_size / devices
+                  precision=precision)
     table, notes = memory_table(points, setup, args.device_memory)
     where = "1 device" if setup.devices == 1 else f"{setup.devices} devices, {setup.strategy}"
     print_frame(table, f"Peak memory per device (GiB) of {points[0].cfg.name}'s stages: {where}, {precision}, "

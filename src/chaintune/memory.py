@@ -121,10 +121,17 @@ class Setup:
 
     devices: int = 1
     strategy: Strategy = "ddp"
-    checkpointing: bool = False
-    micro_batch: int = 16
+    checkpointing: bool = False  # also on when the stage's training.gradient_checkpointing is
+    micro_batch: int | None = None  # None: the device's whole share of batch_size (no gradient accumulation)
     precision: Precision = "bf16-mixed"
     attention: Literal["sdpa", "eager"] = "sdpa"
+
+    def for_stage(self, training: TrainingConfig) -> "Setup":
+        """This setup for one stage: the micro-batch at most the device's share of `batch_size`, checkpointing on
+        if the stage asks for it."""
+        share = math.ceil(training.batch_size / self.devices)
+        return replace(self, micro_batch=min(self.micro_batch or share, share),
+                       checkpointing=self.checkpointing or training.gradient_checkpointing)
 
     def describe(self) -> str:
         where = "1 device" if self.devices == 1 else f"{self.devices} devices, {self.strategy}"
@@ -144,10 +151,6 @@ class Estimate:
     transient: float  # the largest short-lived buffers: one layer's backward, the optimizer step's temporaries
     peak: float
     curvature: float | None = None  # the peak of the Hessian-vector products after the stage (None: not measured)
-
-    @property
-    def device_peak(self) -> float:
-        return max(self.peak, self.curvature or 0.0)
 
 
 def _trainable(shape: ModelShape, training: TrainingConfig) -> int:
@@ -212,6 +215,7 @@ def training_estimate(shape: ModelShape, training: TrainingConfig, setup: Setup,
     Activations assume padded micro-batches (SDPA then gets a mask and k, v repeated to a heads), the usual case.
     """
     seq = seq or training.max_length
+    setup = setup.for_stage(training)
     n, b = setup.devices, setup.micro_batch
     shard = n if setup.strategy == "fsdp" else 1
     p, pt = shape.params(), _trainable(shape, training)
@@ -296,7 +300,7 @@ def smallest_fit(shape: ModelShape, training: TrainingConfig, device_bytes: floa
     for setup in candidate_setups(training.batch_size, max_devices, precision):
         estimate = stage_estimate(shape, training, setup, curvature)
         if estimate.peak <= device_bytes:
-            return setup, estimate
+            return setup.for_stage(training), estimate
     return None
 
 
@@ -357,8 +361,7 @@ def memory_table(points: list, setup: Setup, device_bytes: float | None = None) 
                          f"MLP {shape.intermediate}, vocab {shape.vocab}, {'tied' if shape.tied else 'untied'} "
                          "embeddings)")
         shape, training = shapes[cfg.model], node.training
-        stage_setup = replace(setup, micro_batch=min(setup.micro_batch, math.ceil(training.batch_size / setup.devices)),
-                              checkpointing=setup.checkpointing or training.gradient_checkpointing)
+        stage_setup = setup.for_stage(training)
         estimate = stage_estimate(shape, training, stage_setup, job.curvature)
         key = (cfg.model, training.method, stage_setup, training.max_length, tuple(round(v) for v in (
             estimate.peak, estimate.curvature or 0)))
