@@ -33,7 +33,7 @@ step "1/4 tests marked gpu"
 "$PYTHON" -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider
 
 if [[ $CPU == 1 ]]; then
-  SIZES=(--steps 1 --batch 4 --seq 64 --questions 20)
+  SIZES=(--steps 2 --batch 4 --seq 64 --questions 20)  # 2 steps: the second runs with the AdamW moments
   step "2/4 throughput and peak memory: embedded SmolLM2-135M (CPU, fp32)"
   "$PYTHON" bench/device_throughput.py --model embedded --device cpu "${SIZES[@]}"
   step "3/4 throughput and peak memory: tiny random Llama (CPU, in place of the 1B shape)"

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     train = train_row(args.model, args.device, args.steps, args.batch, args.seq)
     print(f"{args.model} ({train['params'] / 1e9:.3g} B parameters) on {where}")
-    print(f"  train: {train['tokens_per_s']:,.0f} tokens/s ({args.steps} steps × {args.batch} × {args.seq} tokens, "
+    print(f"  train: {train['tokens_per_s']:,.1f} tokens/s ({args.steps} steps × {args.batch} × {args.seq} tokens, "
           f"{'bf16 autocast' if args.device.startswith('cuda') else 'fp32, slowed by the profiler'}, "
           f"{train['seconds']:.1f} s); peak "
           f"{train['peak'] / 2**30:.2f} GiB measured, {train['estimate'] / 2**30:.2f} GiB estimated "
