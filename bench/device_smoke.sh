@@ -7,7 +7,8 @@
 #   3. the same for a randomly initialised Llama-3.2-1B shape;
 #   4. configs/device_smoke.yaml — the paper's training settings (full fine-tuning, lr 1e-5, batch 16, 5 seeds, full
 #      test sets) on the embedded model — and its four findings (`chaintune summarize`).
-# `--cpu` runs the same steps on the CPU at tiny sizes (the gpu tests skip; the tiny test model stands in for 1B).
+# `--cpu` runs the same steps on the CPU at tiny sizes: the gpu tests skip, the tiny random test model stands in for
+# the 1B shape and, in step 4, for the embedded model (the pipeline and the summary are checked, not the findings).
 #     bench/device_smoke.sh [--cpu]          (PYTHON=/path/to/python to choose the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +39,10 @@ if [[ $CPU == 1 ]]; then
   "$PYTHON" bench/device_throughput.py --model embedded --device cpu "${SIZES[@]}"
   step "3/4 throughput and peak memory: tiny random Llama (CPU, in place of the 1B shape)"
   "$PYTHON" bench/device_throughput.py --model tiny --device cpu "${SIZES[@]}"
-  REDUCE=(--set device=cpu --set "seeds=[0,1]" --set tasks.toxigenqa.train_limit=32 --set tasks.arc_easy.train_limit=32
+  TINY="$OUT-tiny-model"  # the reproduction's pipeline on CPU with a random 4-layer Llama (seconds per stage)
+  "$PYTHON" -c "import sys; sys.path.insert(0, 'bench'); import memory_plan
+model, tokenizer = memory_plan.tiny_model(); model.save_pretrained(sys.argv[1]); tokenizer.save_pretrained(sys.argv[1])" "$TINY"
+  REDUCE=(--set "model=$TINY" --set device=cpu --set "seeds=[0,1]" --set tasks.toxigenqa.train_limit=32 --set tasks.arc_easy.train_limit=32
           --set tasks.toxigenqa.eval_limit=40 --set tasks.arc_easy.eval_limit=40 --set quality_gate.validation_size=16
           --set curvature.examples=8 --set curvature.micro_batch=8 --set curvature.max_iter=3
           --set eval_max_tokens=2048)
