@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 from chaintune.errors import ChaintuneError, one_line
-from chaintune.options import (add_file_task_options, check_output_file, column_list, int_list, like_field, number,
-                               save_results, task_from_args)
+from chaintune.options import (add_file_task_options, check_output_file, column_list, int_list, like_field,
+                               memory_size, number, save_results, task_from_args)
 
 EXIT_USAGE = 2
 EXIT_BUG = 70  # an exception that is not a ChaintuneError: a bug in chaintune
@@ -165,6 +165,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from chaintune.status import plan_status
 
     points = load_sweep(args.config, args.set)
+    if args.memory:
+        return print_memory_plan(points, args)
     status = plan_status(points, args.tokens_per_second)
     runs = status["runs"]
     if not args.all and len(runs) > 40:
@@ -193,6 +195,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         lines += ["[yellow]failed gate[/] " + escape(f"{r.node}: {r.reasons} (attempts: {r.attempts})")
                   for r in gates[~gates.passed].itertuples()]
     _console().print("\n".join(lines))
+    return 0
+
+
+def print_memory_plan(points, args: argparse.Namespace) -> int:
+    from chaintune.memory import Setup, memory_table
+
+    precision = args.precision or ("fp32" if points[0].cfg.device == "cpu" else "bf16-mixed")
+    setup = Setup(devices=args.nproc_per_node, strategy=args.strategy, checkpointing=args.gradient_checkpointing,
+                  precision=precision)
+    table, notes = memory_table(points, setup, args.device_memory)
+    where = "1 device" if setup.devices == 1 else f"{setup.devices} devices, {setup.strategy}"
+    print_frame(table, f"Peak memory per device (GiB) of {points[0].cfg.name}'s stages: {where}, {precision}, "
+                       "sequences of training.max_length tokens")
+    _console().print("\n".join(notes + ["formulas and their check against measured peaks: docs/memory.md"]))
     return 0
 
 
@@ -439,6 +455,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-per-second", type=number(float, gt=0, le=1e12),
                    help="training throughput for the estimate before any stage has finished")
     p.add_argument("--all", action="store_true", help="list every run (default: the first 40)")
+    memory = p.add_argument_group("memory plan (docs/memory.md)")
+    memory.add_argument("--memory", action="store_true", help="print each stage's peak memory per device instead: "
+                        "weights, gradients, optimizer state, activations, curvature (from the model's config.json)")
+    memory.add_argument("--nproc-per-node", type=number(int, ge=1, le=1024), default=1,
+                        help="devices the stage is spread over (default 1)")
+    memory.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                        help="ddp (replicated weights) or fsdp (sharded weights, gradients and moments)")
+    memory.add_argument("--gradient-checkpointing", action="store_true",
+                        help="as if training.gradient_checkpointing were true for every stage")
+    memory.add_argument("--precision", choices=["fp32", "bf16-mixed"],
+                        help="bf16-mixed: fp32 weights and moments, bf16 autocast (default, CUDA); fp32 (device: cpu)")
+    memory.add_argument("--device-memory", type=memory_size, metavar="SIZE",
+                        help="memory per device, e.g. 80GiB: also print the smallest setup that fits")
     p.set_defaults(func=cmd_plan)
 
     def group_by_arg(p: argparse.ArgumentParser, folder: str) -> None:

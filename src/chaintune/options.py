@@ -63,6 +63,23 @@ def column_list(text: str) -> tuple[str, ...]:
     return parts
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20,
+               "gib": 2**30, "tib": 2**40}
+
+
+def memory_size(text: str) -> float:
+    """An argparse `type`: a memory size per device in bytes, from '80GiB', '80 GB', '40g' (GiB) or plain bytes;
+    between 1 MiB and 1 TiB."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)\s*", text.lower())
+    if not match or match.group(2) not in _BYTE_UNITS and match.group(2) not in ("k", "m", "g", "t"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a memory size (e.g. 80GiB, 24GB, 40g)")
+    unit = match.group(2) + ("ib" if match.group(2) in ("k", "m", "g", "t") else "")
+    value = float(match.group(1)) * _BYTE_UNITS[unit]
+    if not 2**20 <= value <= 2**40:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (allowed: 1MiB to 1TiB per device)")
+    return value
+
+
 def like_field(where: str) -> Callable[[str], int | float]:
     """An argparse `type` with the kind and bounds of a config field, e.g. "config:TaskSettings.eval_limit" — one
     range for `--limit` and `eval_limit:`. The model is looked up when a value is parsed, not for `--help`."""

@@ -134,6 +134,19 @@ def attach_lora(model, cfg: TrainingConfig, seed: int):
     return get_peft_model(model, lcfg)
 
 
+def set_gradient_checkpointing(model, enabled: bool) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpoints: exact same gradients,
+    dropout masks replayed) or keep them; a model that cannot is a one-line error."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not enabled:
+        base.activation_checkpointing_disable()
+    elif not base.supports_gradient_checkpointing:
+        raise TrainingError(f"{type(base).__name__} does not support gradient checkpointing",
+                            "set training.gradient_checkpointing: false")
+    else:
+        base.activation_checkpointing_enable({"use_reentrant": False})
+
+
 @dataclass
 class StageTrainResult:
     steps: int
@@ -259,6 +272,7 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
     lengths = [len(e.input_ids) for e in data]
     if cfg.method == "full":
         model.requires_grad_(True)  # a merged LoRA model comes back with frozen base weights
+    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     steps_per_epoch = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     params = list(_trainable(model).values())
