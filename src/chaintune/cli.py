@@ -114,8 +114,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _executor_overrides(args: argparse.Namespace) -> list[str]:
-    flags = {"kind": args.executor, "workers": args.workers, "address": args.address, "retries": args.retries}
-    return [f"executor.{k}={v}" for k, v in flags.items() if v is not None]
+    flags = {"executor.kind": args.executor, "executor.workers": args.workers, "executor.address": args.address,
+             "executor.retries": args.retries, "distributed.nproc_per_node": args.nproc_per_node,
+             "distributed.strategy": args.strategy}
+    return [f"{k}={v}" for k, v in flags.items() if v is not None]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -399,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="ray: cluster address, e.g. auto (default: start a local Ray instance)")
     p.add_argument("--retries", type=like_field("config:ExecutorConfig.retries"),
                    help="re-runs of a failed stage job (default 1; errors caused by the input are not retried)")
+    p.add_argument("--nproc-per-node", type=like_field("config:DistributedConfig.nproc_per_node"),
+                   help="ranks per stage job, launched by torchrun (DDP, or FSDP with --strategy fsdp; "
+                        "docs/distributed.md)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], help="multi-rank training: ddp (a replica per rank) or "
+                                                               "fsdp (sharded weights, gradients, moments)")
     progress_arg(p)
     p.set_defaults(func=cmd_run)
 

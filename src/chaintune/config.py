@@ -227,6 +227,17 @@ class ExecutorConfig(Strict):
     cpus_per_job: float = Field(1, gt=0, le=1024)
 
 
+class DistributedConfig(Strict):
+    """Ranks per stage job (torch.distributed, docs/distributed.md): with `nproc_per_node` > 1 every stage job runs as
+    that many processes launched by torchrun, each taking a disjoint slice of every batch (the global batch stays
+    `batch_size`). Not part of a stage's identity: the weights equal single-process training up to float order."""
+
+    nproc_per_node: int = Field(1, ge=1, le=1024, description="ranks per stage job (1: one process, no torch.distributed)")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full replica per rank; fsdp: FSDP2 "
+                                             "(fully_shard) shards weights, gradients and AdamW moments")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, else gloo")
+
+
 class Chain(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     stages: list[Stage] = Field(min_length=1)
@@ -257,6 +268,7 @@ class ExperimentConfig(Strict):
     quality_gate: QualityGateConfig = QualityGateConfig()
     sweep: SweepConfig | None = None
     executor: ExecutorConfig = ExecutorConfig()
+    distributed: DistributedConfig = DistributedConfig()
     # correction of every family of per-group statements in the summaries: holm (family-wise error, Holm 1979) or
     # bh (false discovery rate, Benjamini–Hochberg 1995)
     multiple_comparisons: Literal["holm", "bh"] = "holm"
@@ -321,6 +333,26 @@ class ExperimentConfig(Strict):
             raise ValueError("select_best needs validation examples: set quality_gate.validation_size above 0 "
                              "(or select_best: false)")
         return self
+
+    @model_validator(mode="after")
+    def _distributed_fits(self) -> "ExperimentConfig":
+        gpus = self.executor.gpus_per_job if self.executor.kind == "ray" else None
+        if gpus is not None and gpus > 1 and (gpus != int(gpus) or self.distributed.nproc_per_node not in (1, gpus)):
+            raise ValueError(f"executor.gpus_per_job {gpus:g} above 1 runs a job as that many ranks: make it a whole "
+                             "number and leave distributed.nproc_per_node at 1 (or equal to it)")
+        if self.distributed.strategy == "fsdp" and self.ranks_per_job() > 1:
+            for stage in (s for c in self.chains for s in c.stages):
+                training = stage.training(self.training)
+                if training.method == "lora" or training.optimizer == "sam":
+                    raise ValueError(f"distributed.strategy fsdp shards full fine-tuning with AdamW; stage "
+                                     f"'{stage.label}' uses {'LoRA' if training.method == 'lora' else 'sam'}: use "
+                                     "strategy ddp for it")
+        return self
+
+    def ranks_per_job(self) -> int:
+        """Processes per stage job: distributed.nproc_per_node, or a Ray job's gpus_per_job when that is above 1."""
+        gpus = self.executor.gpus_per_job if self.executor.kind == "ray" else None
+        return int(gpus) if gpus is not None and gpus > 1 else self.distributed.nproc_per_node
 
     def all_tasks(self) -> list[str]:
         seen: dict[str, None] = {}

@@ -10,11 +10,13 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
 from chaintune.errors import ChaintuneError
+if TYPE_CHECKING:
+    from chaintune.distributed import Ranks
 from chaintune.tasks import Example
 
 log = logging.getLogger(__name__)
@@ -145,8 +147,11 @@ def _batches(questions: list[PackedQuestion], max_tokens: int, max_batch: int) -
 
 
 def score_examples(model, tokenizer, examples: Sequence[Example], *, max_tokens: int = 1024, max_batch: int = 64,
-                   max_length: int | None = None, progress: bool = False, desc: str = "eval") -> list[list[float]]:
-    """Log-likelihood of every choice of every example (nats), in input order."""
+                   max_length: int | None = None, progress: bool = False, desc: str = "eval",
+                   ranks: Ranks | None = None) -> list[list[float]]:
+    """Log-likelihood of every choice of every example (nats), in input order. With `ranks` (a multi-rank job), the
+    batches are dealt round robin over the ranks and the scores gathered: each question is scored in the same batch
+    as in one process, so the scores are identical."""
     from tqdm.auto import tqdm
 
     if max_length is None:
@@ -157,11 +162,15 @@ def score_examples(model, tokenizer, examples: Sequence[Example], *, max_tokens:
     results: list[list[float]] = [[] for _ in examples]
     was_training = model.training
     model.eval()
-    with tqdm(total=len(packed), desc=desc, disable=not progress, unit="q", leave=False) as bar:
-        for batch in _batches(packed, max_tokens, max_batch):
-            for q, s in zip(batch, score_packed(model, batch, pad_id)):
-                results[q.index] = s
+    batches = list(_batches(packed, max_tokens, max_batch))
+    mine = batches if ranks is None else ranks.mine(batches)
+    scored = []
+    with tqdm(total=sum(map(len, mine)), desc=desc, disable=not progress, unit="q", leave=False) as bar:
+        for batch in mine:
+            scored += [(q.index, s) for q, s in zip(batch, score_packed(model, batch, pad_id))]
             bar.update(len(batch))
+    for index, s in scored if ranks is None else ranks.gather(scored):
+        results[index] = s
     model.train(was_training)
     return results
 
@@ -233,8 +242,9 @@ def accuracy_summary(task: str, predictions: Sequence[dict[str, Any]]) -> EvalRe
 
 
 def evaluate(model, tokenizer, examples: Sequence[Example], task: str = "task", *, progress: bool = False,
-             max_tokens: int = 1024, max_batch: int = 64) -> EvalResult:
-    """Score `examples` and return accuracies, per-group accuracies and per-example predictions."""
+             max_tokens: int = 1024, max_batch: int = 64, ranks: Ranks | None = None) -> EvalResult:
+    """Score `examples` and return accuracies, per-group accuracies and per-example predictions (with `ranks`:
+    data-parallel, the same result on every rank)."""
     scores = score_examples(model, tokenizer, examples, max_tokens=max_tokens, max_batch=max_batch,
-                            progress=progress, desc=task)
+                            progress=progress, desc=task, ranks=ranks)
     return accuracy_summary(task, predictions_from_scores(examples, scores))
