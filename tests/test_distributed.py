@@ -40,7 +40,8 @@ def torchrun(*args: str) -> None:
 
 
 def examples(n: int = 13) -> list[Example]:
-    """Odd-sized micro-batches (3) over 2 ranks, and a last step whose second micro-batch is short."""
+    """13 examples in steps of 2 micro-batches of 3: ranks get 2 and 1 examples, and each epoch's step of one example
+    leaves rank 1 with none (it runs one at weight 0)."""
     rng = random.Random(0)
     words = "the quick brown fox jumps over the lazy dog which gas do plants absorb".split()
     return [Example(f"q{i}", " ".join(rng.choices(words, k=rng.randint(3, 12))) + "?", (" yes", " no", " maybe"),
@@ -67,18 +68,22 @@ def test_two_ranks_train_score_and_measure_like_one_process(tmp_path, tiny_model
 
     result = train_stage(model, tokenizer, data, TrainingConfig.model_validate(TRAINING), seed=0)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
+    print(f"λ_max: 1 process {curvature.lambda_max!r}, 2 ranks {parallel['lambda_max']!r}")
     for strategy in ("ddp", "fsdp"):
         curve = json.loads((tmp_path / f"{strategy}.json").read_text())["curve"]
         assert [r["step"] for r in curve] == [r["step"] for r in result.curve]
         assert [r["tokens"] for r in curve] == [r["tokens"] for r in result.curve]
-        assert max(abs(a["loss"] - b["loss"]) for a, b in zip(curve, result.curve)) < 1e-5, strategy
-        assert max_diff(load_file(tmp_path / f"{strategy}.safetensors"), weights) < 1e-5, strategy
+        losses = max(abs(a["loss"] - b["loss"]) for a, b in zip(curve, result.curve))
+        trained = max_diff(load_file(tmp_path / f"{strategy}.safetensors"), weights)
+        print(f"{strategy}: max |Δ| loss curve {losses:.3g}, weights {trained:.3g}")  # the figures of the docs
+        assert losses < 1e-5 and trained < 1e-5, strategy
 
 
 def test_a_rank_killed_mid_stage_resumes_to_the_one_process_result(tmp_path, mcq_config, isolated, monkeypatch):
     def config(out: Path, **extra) -> dict:
         return mcq_config(out, chains=[{"name": "a", "stages": [{"task": "mcq_a"}]}], eval_tasks=["mcq_a"],
-                          curvature={"examples": 8, "micro_batch": 2}, **extra)
+                          training={"lr": 1e-3, "batch_size": 2, "checkpoint_every": 3, "select_best": True,
+                                    "eval_every": 2}, curvature={"examples": 8, "micro_batch": 2}, **extra)
 
     single = chaintune.run(config(tmp_path / "one"), progress=False)
     assert single.completed_runs
@@ -97,6 +102,8 @@ def test_a_rank_killed_mid_stage_resumes_to_the_one_process_result(tmp_path, mcq
     node = stage_dir.name
     curves = [d.train_curve(node) for d in (one, two)]
     assert (curves[0].loss - curves[1].loss).abs().max() < 1e-5
+    assert (curves[0].val_loss - curves[1].val_loss).abs().max() < 1e-5  # select_best: the same step kept
+    assert one.node(node).best_step == two.node(node).best_step
     weights = [load_file(d.checkpoint_dir(node) / "model.safetensors") for d in (one, two)]
     assert max_diff(*weights) < 1e-5
     base = next(p.name for p in one.root.glob("stages/base-*"))
@@ -109,3 +116,14 @@ def test_a_rank_killed_mid_stage_resumes_to_the_one_process_result(tmp_path, mcq
     assert lambdas[1] == pytest.approx(lambdas[0], rel=1e-4)
     code, line = verdict(verify_run(tmp_path / "two")[0])  # the single-process path loads the gathered checkpoint
     assert code == 0, line
+
+
+def test_a_rank_error_comes_back_as_one_line_and_is_not_retried(tmp_path, mcq_config, isolated, monkeypatch):
+    monkeypatch.setattr(distributed, "WORKER", [str(HERE / "distributed_error_worker.py")])
+    cfg = mcq_config(tmp_path / "out", chains=[{"name": "a", "stages": [{"task": "mcq_a"}]}], eval_tasks=["mcq_a"],
+                     executor={"retries": 1}, distributed={"nproc_per_node": 2})
+    outcome = chaintune.run(cfg, progress=False)
+    assert len(outcome.failed) == 2
+    for info in outcome.failed.values():
+        assert info["attempts"] == 1 and info["error"].startswith("ChaintuneError: stage ")
+        assert info["error"].endswith("loss is nan at step 2/8 — lower the learning rate")

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import torch
 
@@ -205,7 +205,7 @@ def job_from_rundir(output_dir: str, job_id: str):
     return make_plan(points).jobs[JobId(node, int(point) if point else None)]
 
 
-def main(argv: Sequence[str] | None = None, before: Callable[[Ranks], None] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """One rank of a stage job: `python -m chaintune.distributed OUTPUT_DIR JOB_ID` under torchrun."""
     import functools
 
@@ -220,8 +220,6 @@ def main(argv: Sequence[str] | None = None, before: Callable[[Ranks], None] | No
     job = job_from_rundir(output_dir, job_id)
     settings = job.settings
     ranks = init_ranks(settings.distributed.strategy, settings.distributed.backend, pick_device(settings.device))
-    if before is not None:
-        before(ranks)
     try:
         register_user_tasks(list(settings.custom_tasks))
         from chaintune.rundir import RunDir

@@ -150,10 +150,10 @@ def validation_loss(model, data: Sequence[SFTExample], pad_id: int, batch_size: 
     model.eval()
     device = next(model.parameters()).device
     starts = range(0, len(data), batch_size)
+    forward = forward or functools.partial(answer_loss_sum, model)
     total, count = 0.0, 0
     for i in starts if ranks is None else ranks.mine(starts):
-        loss_sum, n = (forward or functools.partial(answer_loss_sum, model))(*_collate(data[i:i + batch_size], pad_id,
-                                                                                        device))
+        loss_sum, n = forward(*_collate(data[i:i + batch_size], pad_id, device))
         total, count = total + float(loss_sum), count + n
     if ranks is not None:
         total, count = ranks.sum([total, count])
