@@ -151,10 +151,14 @@ def validation_loss(model, data: Sequence[SFTExample], pad_id: int, batch_size: 
     device = next(model.parameters()).device
     starts = range(0, len(data), batch_size)
     forward = forward or functools.partial(answer_loss_sum, model)
+    mine = list(starts) if ranks is None else ranks.mine(starts)
+    rounds = len(mine) if ranks is None else math.ceil(len(starts) / ranks.world)
     total, count = 0.0, 0
-    for i in starts if ranks is None else ranks.mine(starts):
+    for k in range(rounds):  # every rank makes as many forward calls (DDP and FSDP forwards are collectives)
+        i = mine[k] if k < len(mine) else 0
         loss_sum, n = forward(*_collate(data[i:i + batch_size], pad_id, device))
-        total, count = total + float(loss_sum), count + n
+        if k < len(mine):
+            total, count = total + float(loss_sum), count + n
     if ranks is not None:
         total, count = ranks.sum([total, count])
     model.train(was_training)
