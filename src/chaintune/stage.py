@@ -282,7 +282,7 @@ class StageExecutor:
     def _save(self, job: Job, examples: list[Example], result: StageTrainResult, gate: GateRecord | None) -> None:
         """Write the trained node: curve, checkpoint (atomic rename), then node.json — the record that marks it done.
         In a multi-rank job rank 0 writes and the others wait for it."""
-        node, out, cache = job.node, self.out, self.cache
+        node, cache = job.node, self.cache
         if self.writes:
             self._write_node(job, examples, result, gate)
         if node.training.method == "lora":
