@@ -127,9 +127,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
-    """`chaintune run`'s executor and tracker flags as `--set` overrides (a flag replaces the config's value)."""
-    flags = {"kind": args.executor, "workers": args.workers, "address": args.address, "retries": args.retries}
-    overrides = [f"executor.{k}={v}" for k, v in flags.items() if v is not None]
+    """`chaintune run`'s executor, distributed and tracker flags as `--set` overrides (a flag replaces the config's
+    value)."""
+    flags = {"executor.kind": args.executor, "executor.workers": args.workers, "executor.address": args.address,
+             "executor.retries": args.retries, "distributed.nproc_per_node": args.nproc_per_node,
+             "distributed.strategy": args.strategy}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.tracker:
         overrides.append(f"logging.trackers=[{','.join(args.tracker)}]")
     return overrides
@@ -447,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracker", action="append", choices=["tensorboard", "mlflow", "wandb"],
                    help="send curves, evaluations and forgetting tables to this tracker (repeatable; replaces the "
                         "config's logging.trackers; pip install 'chaintune[trackers]'; see docs/trackers.md)")
+    p.add_argument("--nproc-per-node", type=like_field("config:DistributedConfig.nproc_per_node"),
+                   help="ranks per stage job, launched by torchrun (DDP, or FSDP with --strategy fsdp; "
+                        "docs/distributed.md)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], help="multi-rank training: ddp (a replica per rank) or "
+                                                               "fsdp (sharded weights, gradients, moments)")
     progress_arg(p)
     p.set_defaults(func=cmd_run)
 

@@ -256,6 +256,17 @@ class LoggingConfig(Strict):
         return list(dict.fromkeys(v))
 
 
+class DistributedConfig(Strict):
+    """Ranks per stage job (torch.distributed, docs/distributed.md): with `nproc_per_node` > 1 every stage job runs as
+    that many processes launched by torchrun, each taking a disjoint slice of every batch (the global batch stays
+    `batch_size`). Not part of a stage's identity: the weights equal single-process training up to float order."""
+
+    nproc_per_node: int = Field(1, ge=1, le=1024, description="ranks per stage job (1: one process, no torch.distributed)")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full replica per rank; fsdp: FSDP2 "
+                                             "(fully_shard) shards weights, gradients and AdamW moments")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, else gloo")
+
+
 class Chain(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     stages: list[Stage] = Field(min_length=1)
@@ -293,6 +304,7 @@ class ExperimentConfig(Strict):
     sweep: SweepConfig | None = None
     executor: ExecutorConfig = ExecutorConfig()
     logging: LoggingConfig = LoggingConfig()
+    distributed: DistributedConfig = DistributedConfig()
     # correction of every family of per-group statements in the summaries: holm (family-wise error, Holm 1979) or
     # bh (false discovery rate, Benjamini–Hochberg 1995)
     multiple_comparisons: Literal["holm", "bh"] = "holm"
@@ -357,6 +369,27 @@ class ExperimentConfig(Strict):
             raise ValueError("select_best needs validation examples: set quality_gate.validation_size above 0 "
                              "(or select_best: false)")
         return self
+
+    @model_validator(mode="after")
+    def _distributed_fits(self) -> "ExperimentConfig":
+        gpus = self.executor.gpus_per_job if self.executor.kind == "ray" else None
+        if gpus is not None and gpus > 1 and (gpus != int(gpus) or self.distributed.nproc_per_node not in (1, gpus)):
+            raise ValueError(f"executor.gpus_per_job {gpus:g} above 1 runs a job as that many ranks: make it a whole "
+                             "number and leave distributed.nproc_per_node at 1 (or equal to it)")
+        if self.distributed.strategy == "fsdp" and self.ranks_per_job() > 1:
+            for stage in (s for c in self.chains for s in c.stages):
+                training = stage.training(self.training)
+                unsupported = [n for n, used in (("LoRA", training.method == "lora"), ("sam", training.optimizer ==
+                               "sam"), ("select_best", training.select_best)) if used]
+                if unsupported:
+                    raise ValueError(f"distributed.strategy fsdp supports full fine-tuning with AdamW; stage "
+                                     f"'{stage.label}' uses {unsupported[0]}: use strategy ddp for it")
+        return self
+
+    def ranks_per_job(self) -> int:
+        """Processes per stage job: distributed.nproc_per_node, or a Ray job's gpus_per_job when that is above 1."""
+        gpus = self.executor.gpus_per_job if self.executor.kind == "ray" else None
+        return int(gpus) if gpus is not None and gpus > 1 else self.distributed.nproc_per_node
 
     def all_tasks(self) -> list[str]:
         seen: dict[str, None] = {}

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from chaintune.distributed import Ranks
 from chaintune.errors import ChaintuneError
 from chaintune.evaluate import decoder_and_head
 from chaintune.tasks import Example
@@ -62,12 +63,14 @@ class HessianOperator:
     `graph_budget` > 0 (bytes), the first call keeps the first-order graphs of the micro-batches that fit in it
     (counted as the tensors autograd saves, plus one gradient-sized sum) and later calls run only their second
     backward; the others are recomputed at every call (changed parameters then raise). Use it inside
-    `eager_attention(model)`, in eval mode (no dropout: the same H at every call).
+    `eager_attention(model)`, in eval mode (no dropout: the same H at every call). With `ranks` (a multi-rank job,
+    every rank holding the whole model), each rank runs its share of the micro-batches and the products are
+    all-reduced: every rank gets the whole H·v.
     """
 
     def __init__(self, model, tokenizer, examples: Sequence[Example], micro_batch: int = 8, max_length: int = 512,
-                 graph_budget: float = 0):
-        self.model = model
+                 graph_budget: float = 0, ranks: Ranks | None = None):
+        self.model, self.ranks = model, ranks
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
@@ -92,8 +95,17 @@ class HessianOperator:
         """Mean answer-token loss over the examples (from `start_vector`'s forward passes when it ran)."""
         if self._loss is None:
             with torch.no_grad():
-                self._loss = sum(answer_loss_sum(self.model, *b)[0].item() for b in self.batches) / self.n_tokens
+                total = sum(answer_loss_sum(self.model, *self.batches[i])[0].item() for i in self._mine())
+            self._loss = self._sum(total) / self.n_tokens
         return self._loss
+
+    def _mine(self) -> list[int]:
+        """The micro-batches this rank computes (all of them in one process)."""
+        indices = range(len(self.batches))
+        return list(indices) if self.ranks is None else self.ranks.mine(indices)
+
+    def _sum(self, value: float) -> float:
+        return value if self.ranks is None else self.ranks.sum([value])[0]
 
     def start_vector(self, seed: int) -> torch.Tensor:
         """Unit start vector for the eigen-solvers: Σ ∇CE(logits, y) over the answer tokens with each label y drawn
@@ -103,19 +115,25 @@ class HessianOperator:
         generator = torch.Generator().manual_seed(stable_seed("fisher-start", seed))
         total, loss_sum = [torch.zeros_like(p) for p in self.params], 0.0
         decoder, head = decoder_and_head(self.model)
-        for ids, labels, mask in self.batches:
+        mine = set(self._mine())
+        for i, (ids, labels, mask) in enumerate(self.batches):
             target = labels[:, 1:]
             rows, cols = (target != IGNORE).nonzero(as_tuple=True)
-            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            logits = head(hidden[rows, cols]).float()
-            loss_sum += torch.nn.functional.cross_entropy(logits.detach(), target[rows, cols], reduction="sum").item()
+            with torch.set_grad_enabled(i in mine):  # other ranks' batches: forward only, for the same label draws
+                hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                logits = head(hidden[rows, cols]).float()
             sampled = torch.multinomial(logits.detach().softmax(-1).cpu(), 1, generator=generator)[:, 0]
+            if i not in mine:
+                continue
+            loss_sum += torch.nn.functional.cross_entropy(logits.detach(), target[rows, cols], reduction="sum").item()
             grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, sampled.to(logits.device),
                                                                           reduction="sum"), self.params)
             for acc, g in zip(total, grads):
                 acc.add_(g)
-        self._loss = loss_sum / self.n_tokens
+        self._loss = self._sum(loss_sum) / self.n_tokens
         start = torch.cat([t.reshape(-1).float() for t in total])
+        if self.ranks is not None:
+            self.ranks.sum_(start)
         norm = start.norm()
         return start / norm if norm > 0 else _random_unit(self.dim, stable_seed("lanczos", seed), self.device)
 
@@ -129,9 +147,10 @@ class HessianOperator:
         out = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
         outs = [o.view_as(p) for o, p in zip(torch.split(out, self.sizes), self.params)]
         may_keep = self.calls == 0 and self.graph_budget > 0
-        for i, batch in enumerate(self.batches):
+        for i in self._mine():
             if i in self.kept:
                 continue
+            batch = self.batches[i]
             grads, saved = self._gradient_graph(batch, count=may_keep)
             cost = saved + (0 if self.kept else sum(g.numel() * g.element_size() for g in grads))
             if may_keep and self.graph_bytes + cost <= self.graph_budget:
@@ -143,6 +162,8 @@ class HessianOperator:
                 self._second_backward(grads, vs, outs, retain=False)
         if self._kept_grads is not None:
             self._second_backward(self._kept_grads, vs, outs, retain=True)
+        if self.ranks is not None:
+            self.ranks.sum_(out)
         if self.calls == 0:
             self._versions = [p._version for p in self.model.parameters()]
         self.calls += 1
@@ -307,7 +328,7 @@ def subset_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[
 def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_examples: int = 512, subsets: int = 1,
                       seed: int = 0, topk: int = 1, trace: bool = False, trace_samples: int = 50, micro_batch: int = 8,
                       tol: float = 1e-3, max_iter: int = 100, method: str = "lanczos",
-                      graph_budget: float = 0) -> Curvature:
+                      graph_budget: float = 0, ranks: Ranks | None = None) -> Curvature:
     """λ_max (and optionally top-k eigenvalues and the trace) of the Hessian of the mean training loss over seeded
     subsets of `examples`, w.r.t. the model's trainable parameters, in fp32.
 
@@ -316,7 +337,8 @@ def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_exampl
     subsets disagree has no stable λ_max at this size). Top-k and trace use the first subset. `method`: "lanczos"
     (default, fewer HVPs) or "power" for λ_max, both from `HessianOperator.start_vector`; the top-k come from a
     second, re-orthogonalised Lanczos run from a seeded random vector. `graph_budget`: bytes of first-order graphs
-    the operator may keep between HVPs (0: recompute them; see docs/curvature.md)."""
+    the operator may keep between HVPs (0: recompute them; see docs/curvature.md). `ranks`: data-parallel HVPs
+    (`HessianOperator`), the same result on every rank."""
     if method not in METHODS:
         raise ChaintuneError(f"unknown curvature method '{method}'", f"use one of {', '.join(METHODS)}")
     parts = disjoint_subsets(examples, n_examples, subsets, seed)
@@ -330,7 +352,8 @@ def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_exampl
     try:
         with eager_attention(model):
             for k, subset in enumerate(parts):
-                op = HessianOperator(model, tokenizer, subset, micro_batch=micro_batch, graph_budget=graph_budget)
+                op = HessianOperator(model, tokenizer, subset, micro_batch=micro_batch, graph_budget=graph_budget,
+                                     ranks=ranks)
                 v0 = op.start_vector(seed)
                 if method == "lanczos":
                     lam, _, iters, converged = lanczos(op, op.dim, op.device, 1, seed, tol, max_iter, start=v0)

@@ -129,7 +129,7 @@ def run(experiment: ExperimentConfig | dict[str, Any] | list[Point], executor=No
     plan = make_plan(points)
     out = prepare_output(points)
     own = executor is None
-    executor = make_executor(points[0].cfg.executor) if own else executor
+    executor = make_executor(points[0].cfg.executor, points[0].cfg.ranks_per_job()) if own else executor
     trackers = Trackers(points[0].cfg.logging, out, plan, echo) if points[0].cfg.logging.trackers else None
     try:
         failed, jobs_run = _schedule(plan, out, executor, echo, progress, trackers)

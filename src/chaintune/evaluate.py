@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
@@ -18,6 +18,9 @@ from chaintune.errors import ChaintuneError
 from chaintune.metrics import group_accuracies, percent_correct
 from chaintune.runtime import device_plan, use_attention
 from chaintune.tasks import Example
+
+if TYPE_CHECKING:
+    from chaintune.distributed import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +227,11 @@ def _batches(rows: list[PackedRow], max_tokens: int, max_batch: int) -> Iterable
 
 
 def score_examples(model, tokenizer, examples: Sequence[Example], *, max_tokens: int = 1024, max_batch: int = 64,
-                   max_length: int | None = None, progress: bool = False, desc: str = "eval") -> list[list[float]]:
-    """Log-likelihood of every choice of every example (nats), in input order."""
+                   max_length: int | None = None, progress: bool = False, desc: str = "eval",
+                   ranks: Ranks | None = None) -> list[list[float]]:
+    """Log-likelihood of every choice of every example (nats), in input order. With `ranks` (a multi-rank job), the
+    batches are dealt round robin over the ranks and the scores gathered: each question is scored in the same batch
+    as in one process, so the scores are identical."""
     from tqdm.auto import tqdm
 
     if max_length is None:
@@ -238,11 +244,16 @@ def score_examples(model, tokenizer, examples: Sequence[Example], *, max_tokens:
     was_training = model.training
     model.eval()
     use_attention(model, device_plan(next(model.parameters()).device).attention)
-    with tqdm(total=len(examples), desc=desc, disable=not progress, unit="q", leave=False) as bar:
-        for batch in _batches(rows, max_tokens, max_batch):
-            for index, s in score_packed(model, batch, pad_id).items():
-                results[index] = s
+    batches = list(_batches(rows, max_tokens, max_batch))
+    mine = batches if ranks is None else ranks.mine(batches)
+    scored: list[tuple[int, list[float]]] = []
+    with tqdm(total=sum(len(r.questions) for b in mine for r in b), desc=desc, disable=not progress, unit="q",
+              leave=False) as bar:
+        for batch in mine:
+            scored += score_packed(model, batch, pad_id).items()
             bar.update(sum(len(r.questions) for r in batch))
+    for index, s in scored if ranks is None else ranks.gather(scored):
+        results[index] = s
     model.train(was_training)
     return results
 
@@ -305,8 +316,9 @@ def accuracy_summary(task: str, predictions: Sequence[dict[str, Any]]) -> EvalRe
 
 
 def evaluate(model, tokenizer, examples: Sequence[Example], task: str = "task", *, progress: bool = False,
-             max_tokens: int = 1024, max_batch: int = 64) -> EvalResult:
-    """Score `examples` and return accuracies, per-group accuracies and per-example predictions."""
+             max_tokens: int = 1024, max_batch: int = 64, ranks: Ranks | None = None) -> EvalResult:
+    """Score `examples` and return accuracies, per-group accuracies and per-example predictions (with `ranks`:
+    data-parallel, the same result on every rank)."""
     scores = score_examples(model, tokenizer, examples, max_tokens=max_tokens, max_batch=max_batch,
-                            progress=progress, desc=task)
+                            progress=progress, desc=task, ranks=ranks)
     return accuracy_summary(task, predictions_from_scores(examples, scores))

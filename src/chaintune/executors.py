@@ -6,10 +6,11 @@
     retries: int (re-runs of a failed job)          inline: bool (jobs run in this process)
 
 - `local`, 1 worker: jobs run one after another in this process (progress bars, the model stays loaded).
-- `local`, N workers: N spawned processes; with GPUs, worker i sees only GPU i mod #GPUs; on CPU the cores are
-  split between workers. A killed worker breaks the pool: it is rebuilt and the lost jobs are retried.
+- `local`, N workers: N spawned processes; with GPUs, worker i sees only GPU i mod #GPUs (GPUs i·R … i·R+R−1 when
+  a job runs as R ranks, chaintune.distributed); on CPU the cores are split between workers. A killed worker breaks the pool: it is rebuilt and the lost jobs are retried.
 - `ray`: one Ray task per job (GPU/CPU resources per job), on a local Ray instance or `address="auto"` /
-  `"ray://head:10001"` for an existing cluster. All nodes must see `output_dir` (shared storage).
+  `"ray://head:10001"` for an existing cluster. All nodes must see `output_dir` (shared storage). A job of N > 1
+  ranks (`gpus_per_job: N`) is one Ray task holding N GPUs of one node, in which torchrun starts the ranks.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class InlineExecutor:
 
 
 def _init_worker(devices, threads: int) -> None:
-    """Pin a spawned worker to one GPU (if any) and its share of the CPU cores, before torch is imported."""
+    """Pin a spawned worker to its GPUs (if any) and its share of the CPU cores, before torch is imported."""
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(devices.get())
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
@@ -70,12 +71,12 @@ def _init_worker(devices, threads: int) -> None:
 class ProcessExecutor:
     inline = False
 
-    def __init__(self, workers: int, retries: int):
+    def __init__(self, workers: int, retries: int, ranks: int = 1):
         import torch
 
-        self.workers, self.retries = workers, retries
+        self.workers, self.retries, self.ranks = workers, retries, ranks
         self.gpus = torch.cuda.device_count()
-        self.threads = max(1, (os.cpu_count() or 1) // workers)
+        self.threads = max(1, (os.cpu_count() or 1) // (workers * ranks))
         self.pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -86,7 +87,7 @@ class ProcessExecutor:
         if self.gpus:
             devices = ctx.Queue()
             for i in range(self.workers):
-                devices.put(i % self.gpus)
+                devices.put(",".join(str((i * self.ranks + r) % self.gpus) for r in range(self.ranks)))
         return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
                                    initargs=(devices, self.threads))
 
@@ -108,14 +109,15 @@ class ProcessExecutor:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def describe(self) -> str:
-        per = "one GPU each" if self.gpus else f"{self.threads} CPU thread(s) each"
+        per = (("one GPU" if self.ranks == 1 else f"{self.ranks} GPUs") if self.gpus
+               else f"{self.threads} CPU thread(s)") + " each" + (f", {self.ranks} ranks per job" if self.ranks > 1 else "")
         return f"{self.workers} local worker processes ({per})"
 
 
 class RayExecutor:
     inline = False
 
-    def __init__(self, cfg: ExecutorConfig):
+    def __init__(self, cfg: ExecutorConfig, ranks: int = 1):
         try:
             import ray
         except ImportError:
@@ -125,7 +127,7 @@ class RayExecutor:
         if self.started:
             ray.init(address=cfg.address, ignore_reinit_error=True, log_to_driver=True)
         resources = ray.cluster_resources()
-        gpus = cfg.gpus_per_job if cfg.gpus_per_job is not None else (1.0 if resources.get("GPU", 0) else 0.0)
+        gpus = cfg.gpus_per_job if cfg.gpus_per_job is not None else (float(ranks) if resources.get("GPU", 0) else 0.0)
         self.slots = max(1, int(resources.get("GPU", 0) // gpus) if gpus else int(resources.get("CPU", 1) // cfg.cpus_per_job))
         self.remote = ray.remote(num_cpus=cfg.cpus_per_job, num_gpus=gpus, max_retries=0)(_call)
         self.where = f"Ray ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; {gpus:g} GPU per job)"
@@ -147,9 +149,10 @@ class RayExecutor:
         return self.where
 
 
-def make_executor(cfg: ExecutorConfig):
+def make_executor(cfg: ExecutorConfig, ranks: int = 1):
+    """The executor of `cfg`; `ranks`: processes per job (each job then launches torchrun, chaintune.distributed)."""
     if cfg.kind == "ray":
-        return RayExecutor(cfg)
+        return RayExecutor(cfg, ranks)
     if cfg.workers == 1:
         return InlineExecutor(cfg.retries)
-    return ProcessExecutor(cfg.workers, cfg.retries)
+    return ProcessExecutor(cfg.workers, cfg.retries, ranks)

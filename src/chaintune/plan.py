@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaintune.config import (CurvatureConfig, ExperimentConfig, QualityGateConfig, Stage, TaskSettings,
-                              TrainingConfig, config_hash, read_config, set_path, training_identity, validate_config)
+from chaintune.config import (CurvatureConfig, DistributedConfig, ExperimentConfig, QualityGateConfig, Stage,
+                              TaskSettings, TrainingConfig, config_hash, read_config, set_path, training_identity, validate_config)
 from chaintune.tasks import canonical_task_name
 
 
@@ -225,11 +225,13 @@ class Settings:
     custom_tasks: tuple[dict[str, Any], ...]
     quality_gate: QualityGateConfig
     compile: bool = False
+    distributed: DistributedConfig = DistributedConfig()  # nproc_per_node: ranks per job (ExperimentConfig.ranks_per_job)
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> "Settings":
+        ranks = cfg.distributed.model_copy(update={"nproc_per_node": cfg.ranks_per_job()})
         return cls(cfg.model, cfg.trust_remote_code, cfg.data_dir, cfg.device, cfg.eval_max_tokens, cfg.data_seed,
-                   cfg.split_seed, dict(cfg.tasks), tuple(cfg.custom_tasks), cfg.quality_gate, cfg.compile)
+                   cfg.split_seed, dict(cfg.tasks), tuple(cfg.custom_tasks), cfg.quality_gate, cfg.compile, ranks)
 
     def task(self, name: str) -> TaskSettings:
         return self.tasks.get(name, TaskSettings())

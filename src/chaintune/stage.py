@@ -5,6 +5,7 @@ output directory and model reuse the loaded weights (a child branches from its p
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import shutil
@@ -15,6 +16,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from chaintune.config import Stage
+from chaintune.distributed import Ranks, gather_weights, launch
 from chaintune.errors import ChaintuneError
 from chaintune.evaluate import EvalResult, evaluate
 from chaintune.plan import Job, Node, Settings
@@ -145,8 +147,11 @@ def predictions_frame(result: EvalResult) -> pd.DataFrame:
 class StageExecutor:
     """Executes jobs of one output directory with one weight cache (see the module docstring)."""
 
-    def __init__(self, cache: WeightCache, echo: Callable[[str], None] = print, progress: bool = False):
+    def __init__(self, cache: WeightCache, echo: Callable[[str], None] = print, progress: bool = False,
+                 ranks: Ranks | None = None):
         self.cache, self.out, self.echo, self.progress = cache, cache.out, echo, progress
+        self.ranks = ranks  # a rank of a multi-rank job (chaintune.distributed): only rank 0 writes
+        self.writes = ranks is None or ranks.writer
         self._eval_sets: dict[tuple, list[Example]] = {}
 
     def eval_set(self, settings: Settings, spec: dict[str, Any]) -> list[Example]:
@@ -157,7 +162,7 @@ class StageExecutor:
 
     def run(self, job: Job) -> dict[str, Any]:
         started = time.perf_counter()
-        with self.out.node_lock(job.node.dirname):
+        with self.out.node_lock(job.node.dirname) if self.writes else contextlib.nullcontext():
             if job.node.stage is not None:
                 self.train(job)
             self.evaluate(job)
@@ -173,7 +178,9 @@ class StageExecutor:
             t0 = time.perf_counter()
             task = spec["task"]
             result = evaluate(model, self.cache.tokenizer, self.eval_set(job.settings, spec), task,
-                              progress=self.progress, max_tokens=job.settings.eval_max_tokens)
+                              progress=self.progress, max_tokens=job.settings.eval_max_tokens, ranks=self.ranks)
+            if not self.writes:
+                continue
             self.out.write_table(self.out.predictions_path(node.dirname, task), predictions_frame(result))
             info = get_task(task)
             record = EvalRecord(**result.summary(), seconds=time.perf_counter() - t0, spec=spec,
@@ -192,8 +199,9 @@ class StageExecutor:
             if checkpoint_ok(out, node):
                 return
             self.echo(f"  checkpoint of {node.dirname} is missing or corrupt: retraining it")
-            out.path_for_write(out.node_path(node.dirname)).unlink()
-            shutil.rmtree(out.path_for_write(folder / "eval"), ignore_errors=True)
+            if self.writes:
+                out.path_for_write(out.node_path(node.dirname)).unlink()
+                shutil.rmtree(out.path_for_write(folder / "eval"), ignore_errors=True)
         gate = job.settings.quality_gate
         examples = node_examples(out, job.settings, node)
         trainable, validation = train_pool(job.settings, node.stage.task)
@@ -223,7 +231,8 @@ class StageExecutor:
                 if nan_error is not None:  # no attempt left: NaN weights are no stage to build on
                     raise nan_error
                 break
-            out.write_json(out.attempts_path(node.dirname), [a.model_dump() for a in attempts])
+            if self.writes:
+                out.write_json(out.attempts_path(node.dirname), [a.model_dump() for a in attempts])
         gate_record = None
         if validation:
             gate_record = GateRecord(n_validation=len(validation), majority_baseline=majority, majority_rule=rule,
@@ -238,7 +247,8 @@ class StageExecutor:
 
     def _validation_accuracy(self, model, job: Job, validation: list[Example]) -> float:
         task = canonical_task_name(job.node.stage.task)
-        return evaluate(model, self.cache.tokenizer, validation, task, max_tokens=job.settings.eval_max_tokens).acc
+        return evaluate(model, self.cache.tokenizer, validation, task, max_tokens=job.settings.eval_max_tokens,
+                        ranks=self.ranks).acc
 
     def _train_attempt(self, job: Job, examples: list[Example], seed: int, validation: list[Example], work
                        ) -> tuple[StageTrainResult, DivergedError | None]:
@@ -255,18 +265,33 @@ class StageExecutor:
         work = self.out.path_for_write(work)
         work.mkdir(parents=True, exist_ok=True)
         try:
-            return train_stage(cache.model, cache.tokenizer, examples, node.training, seed, work_dir=work,
-                               progress=self.progress, desc=node.dirname, validation=validation,
-                               compile=job.settings.compile), None
+            result, error = train_stage(cache.model, cache.tokenizer, examples, node.training, seed, work_dir=work,
+                                        progress=self.progress, desc=node.dirname, validation=validation,
+                                        compile=job.settings.compile, ranks=self.ranks), None
         except DivergedError as exc:
             if not validation or job.settings.quality_gate.on_failed_stage != "retry":
                 raise
             curve = exc.curve
-            return StageTrainResult(len(curve), int(curve[-1]["tokens"]) if curve else 0,
-                                    float(curve[-1]["seconds"]) if curve else 0.0, curve), exc
+            result, error = StageTrainResult(len(curve), int(curve[-1]["tokens"]) if curve else 0,
+                                             float(curve[-1]["seconds"]) if curve else 0.0, curve), exc
+        if self.ranks is not None:
+            cache.model = gather_weights(cache.model, self.ranks)
+        return result, error
 
     def _save(self, job: Job, examples: list[Example], result: StageTrainResult, gate: GateRecord | None) -> None:
-        """Write the trained node: curve, checkpoint (atomic rename), then node.json — the record that marks it done."""
+        """Write the trained node: curve, checkpoint (atomic rename), then node.json — the record that marks it done.
+        In a multi-rank job rank 0 writes and the others wait for it."""
+        node, cache = job.node, self.cache
+        if self.writes:
+            self._write_node(job, examples, result, gate)
+        if node.training.method == "lora":
+            cache.model = cache.model.merge_and_unload()
+        if self.ranks is not None:
+            self.ranks.barrier()
+        cache.model.eval()
+        cache.loaded = node.key
+
+    def _write_node(self, job: Job, examples: list[Example], result: StageTrainResult, gate: GateRecord | None) -> None:
         node, out, cache = job.node, self.out, self.cache
         folder = out.stage_dir(node.dirname)
         out.write_table(out.train_curve_path(node.dirname), pd.DataFrame(result.curve, columns=list(
@@ -277,9 +302,7 @@ class StageExecutor:
         tmp = out.path_for_write(folder / ".checkpoint.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         cache.model.save_pretrained(tmp, safe_serialization=True)
-        if node.training.method == "lora":
-            cache.model = cache.model.merge_and_unload()
-        else:
+        if node.training.method != "lora":
             cache.tokenizer.save_pretrained(tmp)
         tmp.rename(ckpt)
         n_own = len(own_examples(job.settings, node.stage))
@@ -294,8 +317,6 @@ class StageExecutor:
             gate=gate, best_step=result.best_step, compile_seconds=result.compile_seconds))
         shutil.rmtree(out.path_for_write(folder / "work"), ignore_errors=True)
         out.path_for_write(out.attempts_path(node.dirname)).unlink(missing_ok=True)
-        cache.model.eval()
-        cache.loaded = node.key
 
     def measure_curvature(self, job: Job) -> None:
         """λ_max (and top-k / trace if asked) of the stage's training loss w.r.t. its trainable parameters: all
@@ -317,10 +338,13 @@ class StageExecutor:
         result = measure_curvature(model, cache.tokenizer, node_examples(self.out, job.settings, node),
                                    n_examples=cc.examples, subsets=cc.subsets, seed=node.seed, topk=cc.topk, trace=cc.trace,
                                    trace_samples=cc.trace_samples, micro_batch=cc.micro_batch, tol=cc.tol,
-                                   max_iter=cc.max_iter, method=cc.method, graph_budget=cc.graph_budget)
+                                   max_iter=cc.max_iter, method=cc.method, graph_budget=cc.graph_budget,
+                                   ranks=self.ranks)
         if node.training.method == "lora":
             cache.model = model.unload()  # drop the adapter again: parent weights, no merge
         unstable = result.disagreement is not None and result.disagreement > cc.disagreement
+        if not self.writes:
+            return
         self.out.write_record(self.out.curvature_path(node.dirname),
                               CurvatureRecord(stage=node.index, task=node.stage.task, **vars(result), unstable=unstable))
         interval = (f" [{result.lambda_max_ci_low:.4g}, {result.lambda_max_ci_high:.4g}] over {result.subsets} subsets"
@@ -338,7 +362,10 @@ _PROCESS: dict[str, StageExecutor] = {}  # this process's executor: consecutive 
 
 
 def execute(job: Job, progress: bool = False) -> dict[str, Any]:
-    """Run one job in this process (what every executor submits); returns {"seconds": wall time}."""
+    """Run one job in this process (what every executor submits), or as several ranks under torchrun when its
+    settings ask for them (chaintune.distributed); returns {"seconds": wall time}."""
+    if job.settings.distributed.nproc_per_node > 1:
+        return launch(job, job.settings.distributed.nproc_per_node)
     register_user_tasks(list(job.settings.custom_tasks))
     out = RunDir(job.output_dir)
     ident = (str(out.root), job.settings.model, job.settings.device, job.settings.trust_remote_code)

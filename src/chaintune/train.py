@@ -1,6 +1,7 @@
 """Supervised fine-tuning of one stage: answer-only loss, AdamW, full or LoRA, resumable mid-stage (SPEC.md §4)."""
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -11,6 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from chaintune.config import TrainingConfig
+from chaintune.distributed import Ranks, full_tensor, shard_like, wrap_for_training
 from chaintune.errors import TrainingError
 from chaintune.evaluate import decoder_and_head, encode_pair, warn_truncated
 from chaintune.io import read_json, write_json, write_safetensors
@@ -97,16 +99,17 @@ def compile_decoder(model):
     return torch.compile(decoder, dynamic=True)
 
 
-def _accumulate_gradients(model, batches, n_answer: int, autocast: torch.dtype | None, decoder=None) -> float:
-    """Backpropagate the step's mean answer-token loss over its micro-batches (forward under `autocast` unless
-    None, through `decoder` if given); returns the summed loss (nats)."""
-    device_type = next(model.parameters()).device.type
+def _accumulate_gradients(forward, batches, n_answer: int, autocast: torch.dtype | None, scale: float = 1.0) -> float:
+    """Backpropagate the step's mean answer-token loss over its micro-batches; returns the summed loss (nats).
+    `forward(ids, labels, mask)` → (summed loss, tokens), run under `autocast` unless None; `batches` are
+    (ids, labels, mask, weight), a weight 0 for a rank's stand-in batch (it only keeps the ranks in step); `scale`
+    undoes the ranks' gradient averaging."""
     total = 0.0
-    for ids, labels, mask in batches:
-        with torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            loss_sum, _ = answer_loss_sum(model, ids, labels, mask, decoder)
-        (loss_sum / n_answer).backward()
-        total += loss_sum.item()
+    for ids, labels, mask, weight in batches:
+        with torch.autocast(ids.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss_sum, _ = forward(ids, labels, mask)
+        (loss_sum * (weight * scale) / n_answer).backward()
+        total += loss_sum.item() * weight
     return total
 
 
@@ -166,15 +169,25 @@ class DivergedError(TrainingError):
 
 
 @torch.no_grad()
-def validation_loss(model, data: Sequence[SFTExample], pad_id: int, batch_size: int) -> float:
-    """Mean answer-token cross-entropy (nats) of `data`, in eval mode (the caller's mode is restored)."""
+def validation_loss(model, data: Sequence[SFTExample], pad_id: int, batch_size: int, forward=None,
+                    ranks: Ranks | None = None) -> float:
+    """Mean answer-token cross-entropy (nats) of `data`, in eval mode (the caller's mode is restored). With `ranks`,
+    each rank scores its share of the batches through `forward` (the wrapped loss) and the sums are all-reduced."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    starts = range(0, len(data), batch_size)
+    forward = forward or functools.partial(answer_loss_sum, model)
+    mine = list(starts) if ranks is None else ranks.mine(starts)
+    rounds = len(mine) if ranks is None else math.ceil(len(starts) / ranks.world)
     total, count = 0.0, 0
-    for i in range(0, len(data), batch_size):
-        loss_sum, n = answer_loss_sum(model, *_collate(data[i:i + batch_size], pad_id, device))
-        total, count = total + float(loss_sum), count + n
+    for k in range(rounds):  # every rank makes as many forward calls (DDP and FSDP forwards are collectives)
+        i = mine[k] if k < len(mine) else 0
+        loss_sum, n = forward(*_collate(data[i:i + batch_size], pad_id, device))
+        if k < len(mine):
+            total, count = total + float(loss_sum), count + n
+    if ranks is not None:
+        total, count = ranks.sum([total, count])
     model.train(was_training)
     return total / max(count, 1)
 
@@ -194,24 +207,28 @@ class _Best:
     def offer(self, loss: float, step: int, model) -> None:
         if loss < self.loss:
             self.loss, self.step = loss, step
-            self.weights = {n: p.detach().to("cpu", copy=True) for n, p in _trainable(model).items()}
+            self.weights = {n: full_tensor(p.detach()).to("cpu", copy=True) for n, p in _trainable(model).items()}
 
     def restore(self, model) -> None:
         with torch.no_grad():
             for n, p in _trainable(model).items():
-                p.copy_(self.weights[n])
+                p.copy_(shard_like(p, self.weights[n]))
 
 
 def _save_resume_state(folder: Path, model, optimizer, step: int, curve: list, tokens: int, seconds: float,
-                       best: _Best) -> None:
+                       best: _Best, write: bool = True) -> None:
+    """Whole tensors (sharded ones gathered: every rank calls this); only a rank with `write` writes them."""
     params = _trainable(model)
-    tensors = {f"param/{n}": p for n, p in params.items()} | {f"best/{n}": w for n, w in best.weights.items()}
+    tensors = {f"param/{n}": full_tensor(p.detach()) for n, p in params.items()}
+    tensors |= {f"best/{n}": w for n, w in best.weights.items()}
     index = {id(p): n for n, p in params.items()}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 if torch.is_tensor(value):
-                    tensors[f"optim/{index[id(p)]}/{key}"] = value
+                    tensors[f"optim/{index[id(p)]}/{key}"] = full_tensor(value)
+    if not write:
+        return
     write_safetensors(folder / "resume.safetensors", tensors)
     write_json(folder / "resume.json", {"step": step, "curve": curve, "tokens": tokens, "seconds": seconds,
                                         "best_loss": best.loss if best.step is not None else None,
@@ -233,11 +250,12 @@ def _load_resume_state(folder: Path, model, optimizer, best: _Best) -> tuple[int
         return None
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(tensors[f"param/{n}"])
+            p.copy_(shard_like(p, tensors[f"param/{n}"]))
     for n, p in params.items():
         moments = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim/{n}/")}
-        if moments:
-            optimizer.state[p] = {k: v.to(p.device) for k, v in moments.items()}
+        if moments:  # AdamW's step count is a scalar on every rank; its moments are sharded like the parameter
+            optimizer.state[p] = {k: shard_like(p, v.to(p.device)) if v.dim() else v.to(p.device)
+                                  for k, v in moments.items()}
     if state.get("best_step") is not None:
         best.loss, best.step = float(state["best_loss"]), int(state["best_step"])
         best.weights = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
@@ -247,7 +265,8 @@ def _load_resume_state(folder: Path, model, optimizer, best: _Best) -> tuple[int
 def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConfig, seed: int, *,
                 work_dir: Path | None = None, progress: bool = False, desc: str = "train",
                 on_step: Callable[[dict[str, Any]], None] | None = None,
-                validation: Sequence[Example] = (), compile: bool = False) -> StageTrainResult:
+                validation: Sequence[Example] = (), compile: bool = False,
+                ranks: Ranks | None = None) -> StageTrainResult:
     """Fine-tune `model` in place on `examples` (answer-only loss). Deterministic given `seed`.
 
     With `work_dir`, a resume state (trainable weights + AdamW moments) is written every `cfg.checkpoint_every`
@@ -256,7 +275,9 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
     `cfg.eval_every` steps (and after the last) and the model ends with the weights of the lowest one. A NaN or
     infinite loss raises `DivergedError` (weights of the last finite step kept). With `compile`, the decoder runs
     compiled (`compile_decoder`); the compilation happens in a warm-up forward + backward before the first step,
-    timed as the result's `compile_seconds`.
+    timed as the result's `compile_seconds`. With `ranks` (a multi-rank job, chaintune.distributed), each rank
+    trains on its slice of every micro-batch under DDP or FSDP, the gradient and curve are those of the whole batch,
+    and only rank 0 writes; under FSDP `model` ends sharded (see `distributed.gather_weights`).
     """
     from tqdm.auto import tqdm
 
@@ -273,11 +294,13 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
     if cfg.method == "full":
         model.requires_grad_(True)  # a merged LoRA model comes back with frozen base weights
     set_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    wrapped = None if ranks is None else wrap_for_training(model, ranks)  # before the optimizer: FSDP swaps params
     steps_per_epoch = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     params = list(_trainable(model).values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=1e-8,
-                                  **({"fused": True} if plan.fused_adamw else {"foreach": True}))
+                                  **({} if ranks is not None  # DTensor parameters: torch's default AdamW
+                                     else {"fused": True} if plan.fused_adamw else {"foreach": True}))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     anchor = [p.detach().clone() for p in params] if cfg.l2_prev > 0 else None  # weights at the stage start
@@ -291,13 +314,17 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
             start, curve, tokens, seconds = resumed
     model.train()
     decoder, compile_seconds = None, 0.0
-    if compile and start < total:
+    if compile and ranks is None and start < total:
         decoder, t_compile = compile_decoder(model), time.perf_counter()
         warm = sorted(range(len(data)), key=lambda i: lengths[i])[: cfg.batch_size]
-        _accumulate_gradients(model, [_collate([data[i] for i in warm], pad_id, device)], 1, plan.autocast, decoder)
+        warm_forward = functools.partial(answer_loss_sum, model, decoder=decoder)
+        _accumulate_gradients(warm_forward, [_collate([data[i] for i in warm], pad_id, device) + (1.0,)], 1,
+                              plan.autocast)
         optimizer.zero_grad(set_to_none=True)
         compile_seconds = time.perf_counter() - t_compile
+    forward = functools.partial(answer_loss_sum, model, decoder=decoder) if wrapped is None else wrapped
     epoch_plan: dict[int, list] = {}
+    scale = 1.0 if ranks is None else float(ranks.world)  # DDP and FSDP average gradients over ranks: sum them
     bar = tqdm(total=total, initial=start, desc=desc, disable=not progress, unit="step", leave=False)
     t_last = time.perf_counter()
     for step in range(start, total):
@@ -310,9 +337,13 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
         for group in optimizer.param_groups:
             group["lr"] = lr
         n_answer = sum(sum(1 for t in data[i].labels if t != IGNORE) for mb in micro_batches for i in mb)
-        batches = [_collate([data[i] for i in mb], pad_id, device) for mb in micro_batches]
-        step_loss = _accumulate_gradients(model, batches, n_answer, plan.autocast, decoder)
-        step_tokens = sum(int(mask.sum()) for _, _, mask in batches)
+        batches = [_collate([data[i] for i in mb], pad_id, device) + (1.0,) for mb in micro_batches] if ranks is None \
+            else [_collate([data[i] for i in ranks.mine(mb) or mb[:1]], pad_id, device) + (float(bool(ranks.mine(mb))),)
+                  for mb in micro_batches]  # a rank without examples in a micro-batch runs one at weight 0
+        step_loss = _accumulate_gradients(forward, batches, n_answer, plan.autocast, scale)
+        if ranks is not None:
+            step_loss = ranks.sum([step_loss])[0]
+        step_tokens = sum(len(data[i].input_ids) for mb in micro_batches for i in mb)
         mean_loss = step_loss / n_answer
         if not math.isfinite(mean_loss):
             optimizer.zero_grad(set_to_none=True)
@@ -329,7 +360,7 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
                         p.add_(e)
             optimizer.zero_grad(set_to_none=True)
             torch.manual_seed(stable_seed("step", seed, step))  # same dropout masks as the first pass
-            _accumulate_gradients(model, batches, n_answer, plan.autocast, decoder)
+            _accumulate_gradients(forward, batches, n_answer, plan.autocast, scale)
             with torch.no_grad():
                 for p, e in zip(params, shifts):
                     if e is not None:
@@ -339,8 +370,8 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
                 for p, p0 in zip(params, anchor):
                     if p.grad is not None:
                         p.grad.add_(p - p0, alpha=cfg.l2_prev)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
-                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else
+                                torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         now = time.perf_counter()
@@ -350,7 +381,7 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
         record = {"step": step + 1, "epoch": epoch + (index + 1) / steps_per_epoch, "loss": mean_loss, "lr": lr,
                   "grad_norm": float(grad_norm), "tokens": tokens, "seconds": seconds}
         if val_data and ((step + 1) % eval_every == 0 or step + 1 == total):
-            record["val_loss"] = validation_loss(model, val_data, pad_id, cfg.batch_size)
+            record["val_loss"] = validation_loss(model, val_data, pad_id, cfg.batch_size, forward, ranks)
             best.offer(record["val_loss"], step + 1, model)
             t_last = time.perf_counter()  # validation time is not training time
         curve.append(record)
@@ -359,7 +390,8 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
         bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
         bar.update(1)
         if work_dir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            _save_resume_state(work_dir, model, optimizer, step + 1, curve, tokens, seconds, best)
+            _save_resume_state(work_dir, model, optimizer, step + 1, curve, tokens, seconds, best,
+                               write=ranks is None or ranks.writer)
             t_last = time.perf_counter()
     bar.close()
     if best.step is not None and best.step != total:

@@ -1,0 +1,241 @@
+"""Multi-rank stage jobs on torch.distributed (docs/distributed.md).
+
+A job whose settings ask for N > 1 ranks (`distributed.nproc_per_node`, or a Ray job's `gpus_per_job`) is launched
+by `launch`: the executor's process runs `torchrun --standalone --nproc-per-node N -m chaintune.distributed OUT JOB`
+and waits for it. Each rank rebuilds the job from the run directory (`sweep/points.json`, written before any job
+runs) and runs the same `StageExecutor` with a `Ranks`:
+
+- training: every micro-batch is split over the ranks (`Ranks.mine`); the loss is summed over the global batch's
+  answer tokens, so the gradient — and the loss curve — is that of one process with the whole batch. `ddp`: a full
+  replica per rank (DistributedDataParallel); `fsdp`: FSDP2 `fully_shard` per decoder layer and at the root
+  (weights, gradients and AdamW moments sharded), bf16 compute with fp32 master weights and reductions on CUDA.
+  After training the weights are gathered into a plain model on every rank.
+- evaluation: the single-process batches are dealt round robin over the ranks and the scores gathered, so each
+  question is scored in exactly the batch it would be in alone (identical scores).
+- curvature: micro-batches are dealt over the ranks and the Hessian-vector products all-reduced; every rank holds
+  the full vectors and runs the same Lanczos iterations.
+- rank 0 alone writes (records, checkpoints, the mid-stage resume state); every rank reads the resume state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence, TypeVar
+
+import torch
+
+from chaintune.errors import ChaintuneError
+
+T = TypeVar("T")
+WORKER = ["-m", "chaintune.distributed"]  # what torchrun starts on each rank (tests put a fault-injecting script here)
+ERROR_MARK = "chaintune-error: "  # a rank's one-line ChaintuneError, passed back through stderr
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a multi-rank job."""
+
+    rank: int
+    world: int
+    strategy: str  # "ddp" | "fsdp"
+    device: torch.device
+
+    @property
+    def writer(self) -> bool:
+        """Rank 0 writes every file of the job."""
+        return self.rank == 0
+
+    def mine(self, items: Sequence[T]) -> list[T]:
+        """This rank's share of `items`: every world-th one, from its rank on."""
+        return list(items[self.rank::self.world])
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum over the ranks (float64)."""
+        import torch.distributed as dist
+
+        total = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) `tensor` in place; every rank ends with the same values."""
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+        return tensor
+
+    def gather(self, items: list[Any]) -> list[Any]:
+        """The concatenation of every rank's `items` (rank order), on every rank."""
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    @property
+    def _comm_device(self) -> torch.device:
+        import torch.distributed as dist
+
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def init_ranks(strategy: str, backend: str, device: torch.device) -> Ranks:
+    """Join the process group torchrun set up (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment)."""
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return Ranks(dist.get_rank(), dist.get_world_size(), strategy, device)
+
+
+# --------------------------------------------------------------------------------------------------------- training
+class AnswerLoss(torch.nn.Module):
+    """The training forward as one module call (what DDP and FSDP hook): (summed answer-token loss, token count)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
+        from chaintune.train import answer_loss_sum
+
+        return answer_loss_sum(self.lm, ids, labels, mask)
+
+
+def wrap_for_training(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
+    """`model`'s loss module under the ranks' strategy. DDP shares `model`'s parameters; FSDP turns them into sharded
+    DTensors in place (`gather_weights` makes a plain model again)."""
+    loss = AnswerLoss(model)
+    if ranks.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+        return DistributedDataParallel(loss, device_ids=ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if ranks.device.type == "cuda" else MixedPrecisionPolicy()
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mp_policy=policy)
+    return fully_shard(loss, mp_policy=policy)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded DTensor (a collective: every rank calls it); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` placed like `param`: this rank's shard (a DTensor) when `param` is sharded, else `full` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return full
+    return distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements)
+
+
+def gather_weights(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
+    """A plain (unsharded) model with the trained weights on every rank: `model` itself under DDP; under FSDP a new
+    model of the same config, loaded with the gathered weights (tied weights tied again)."""
+    if ranks.strategy == "ddp":
+        return model
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    state = {name: full_tensor(p.detach()).to(ranks.device) for name, p in model.state_dict().items()}
+    with init_empty_weights():  # parameters on the meta device, buffers (rotary frequencies) real
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    plain.load_state_dict(state, assign=True, strict=False)
+    plain.tie_weights()
+    return plain.to(ranks.device)
+
+
+# --------------------------------------------------------------------------------------------------------- launching
+def launch(job, nproc: int) -> dict[str, Any]:
+    """Run `job` as `nproc` ranks under torchrun and wait; {"seconds": wall time}. A rank's ChaintuneError comes back
+    as that error (not retried); any other failure (a crash, a killed rank) as a RuntimeError (retried)."""
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               *WORKER, job.output_dir, str(job.id)]
+    error = None
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith(ERROR_MARK):
+                error = json.loads(line[len(ERROR_MARK):])
+            else:
+                sys.stderr.write(line)
+    if error is not None:
+        raise ChaintuneError(*error)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {nproc} ranks of {job.node.dirname} exited with code {proc.returncode} (a rank "
+                           "crashed or was killed; its log is above)")
+    return {"seconds": time.perf_counter() - started}
+
+
+def job_from_rundir(output_dir: str, job_id: str):
+    """The job `job_id` (str(JobId)) of the experiment stored in `output_dir`, rebuilt as the scheduler built it."""
+    from chaintune.config import validate_config
+    from chaintune.plan import JobId, Point, make_plan
+    from chaintune.rundir import PointRecord, RunDir
+    from chaintune.io import read_json
+
+    out = RunDir(output_dir)
+    records = [PointRecord.model_validate(p) for p in read_json(out.points_path)]
+    points = [Point(r.label, r.overrides, validate_config(r.config, str(out.points_path))) for r in records]
+    node, _, point = job_id.partition("@")
+    return make_plan(points).jobs[JobId(node, int(point) if point else None)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """One rank of a stage job: `python -m chaintune.distributed OUTPUT_DIR JOB_ID` under torchrun."""
+    import functools
+
+    import torch.distributed as dist
+
+    from chaintune.models import pick_device
+    from chaintune.stage import StageExecutor
+    from chaintune.tasks import register_user_tasks
+    from chaintune.weights import WeightCache
+
+    output_dir, job_id = argv if argv is not None else sys.argv[1:]
+    job = job_from_rundir(output_dir, job_id)
+    settings = job.settings
+    ranks = init_ranks(settings.distributed.strategy, settings.distributed.backend, pick_device(settings.device))
+    try:
+        register_user_tasks(list(settings.custom_tasks))
+        from chaintune.rundir import RunDir
+
+        device = str(ranks.device)
+        cache = WeightCache(RunDir(job.output_dir), settings.model, device, settings.trust_remote_code)
+        echo = functools.partial(print, flush=True) if ranks.writer else (lambda _: None)
+        StageExecutor(cache, echo=echo, ranks=ranks).run(job)
+    except ChaintuneError as exc:
+        if ranks.writer:
+            print(ERROR_MARK + json.dumps([exc.problem, exc.fix]), file=sys.stderr, flush=True)
+        return 2
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""One rank of tests/test_distributed.py's equality check, under `torchrun --nproc-per-node 2`:
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py MODEL_DIR DATA OUT
+
+It scores the examples in DATA (JSON) with the untrained model and measures its λ_max, data-parallel; then, for each
+strategy (ddp, fsdp), trains the model on them with `train_stage(ranks=...)` and gathers the weights. Rank 0 writes
+OUT/eval.json (scores, λ_max), OUT/<strategy>.json (loss curve) and OUT/<strategy>.safetensors (weights) for the
+test to compare with one process.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from chaintune.config import TrainingConfig
+from chaintune.curvature import measure_curvature
+from chaintune.distributed import gather_weights, init_ranks
+from chaintune.evaluate import score_examples
+from chaintune.io import write_json, write_safetensors
+from chaintune.models import load_model
+from chaintune.tasks import Example
+from chaintune.train import train_stage
+
+
+def main(model_dir: str, data: str, out: str) -> None:
+    spec = json.loads(Path(data).read_text())
+    examples = [Example(**e) for e in spec["examples"]]
+    cfg = TrainingConfig.model_validate(spec["training"])
+    ranks = init_ranks("ddp", "gloo", torch.device("cpu"))
+    model, tokenizer = load_model(model_dir, device="cpu", dtype="float32")
+    scores = score_examples(model, tokenizer, examples, max_tokens=64, ranks=ranks)
+    curvature = measure_curvature(model.requires_grad_(True), tokenizer, examples, n_examples=len(examples),
+                                  micro_batch=2, seed=0, ranks=ranks)
+    if ranks.writer:
+        write_json(Path(out) / "eval.json", {"scores": scores, "lambda_max": curvature.lambda_max})
+    for strategy in ("ddp", "fsdp"):
+        mine = type(ranks)(ranks.rank, ranks.world, strategy, ranks.device)
+        work = Path(out) / f"work-{strategy}"
+        work.mkdir(parents=True, exist_ok=True)
+        model, tokenizer = load_model(model_dir, device="cpu", dtype="float32")
+        result = train_stage(model, tokenizer, examples, cfg, seed=0, work_dir=work, ranks=mine)
+        model = gather_weights(model, mine)
+        if mine.writer:
+            write_json(Path(out) / f"{strategy}.json", {"curve": result.curve})
+            write_safetensors(Path(out) / f"{strategy}.safetensors",
+                              {k: v.clone() for k, v in model.state_dict().items()})
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
