@@ -288,6 +288,7 @@ class RunDir(Folder):
     def report_folder(self, group_by: Sequence[str] = ()) -> Path:
         """report/, or report/by_<col>[+<col>…]/ for the report regrouped by metadata columns."""
         return self.root / "report" / _by(group_by) if group_by else self.root / "report"
+
     def metrics_path(self, run_id: str) -> Path:
         return self.run_dir(run_id) / "metrics.json"
 
