@@ -331,8 +331,8 @@ def generic(info) -> st.SearchStrategy:
 @pytest.fixture(scope="module")
 def fields(world) -> list[tuple[str, st.SearchStrategy]]:
     specials = special(world["root"])
-    return [(path, specials.get(path) or generic(info)) for path, info in leaves(ExperimentConfig, "")
-            if path not in NOT_FUZZED_FIELDS]
+    return [(path, specials[path] if path in specials else generic(info))
+            for path, info in leaves(ExperimentConfig, "") if path not in NOT_FUZZED_FIELDS]
 
 
 def test_every_config_field_has_a_strategy(fields):
