@@ -28,8 +28,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 setup: $(VENV)/.installed
 
+# the run prints its summary by BBQ category; the second table regroups the same predictions by category × context
+# condition (ambiguous contexts are where the unbiased answer is "unknown"), no inference
 demo: setup
 	$(BIN)/chaintune run configs/quickstart.yaml
+	$(BIN)/chaintune summarize runs/quickstart --group-by category,context_condition
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
