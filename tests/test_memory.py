@@ -87,6 +87,16 @@ def test_plan_memory_cli(mcq_config, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # a plan writes nothing
 
 
+def test_plan_memory_defaults_to_the_configs_distributed_settings(mcq_config, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(mcq_config(tmp_path / "out", distributed={"nproc_per_node": 4,
+                                                                               "strategy": "fsdp"})))
+    assert main(["plan", str(config), "--memory"]) == 0
+    assert "4 devices, fsdp" in capsys.readouterr().out
+    assert main(["plan", str(config), "--memory", "--nproc-per-node", "2", "--strategy", "ddp"]) == 0
+    assert "2 devices, ddp" in capsys.readouterr().out  # flags win over the config
+
+
 # ------------------------------------------------------------------------------------- gradient checkpointing
 def _train(checkpointing: bool, method: str):
     from chaintune.train import attach_lora, train_stage

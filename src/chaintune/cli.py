@@ -204,8 +204,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def print_memory_plan(points, args: argparse.Namespace) -> int:
     from chaintune.memory import Setup, memory_table
 
-    precision = args.precision or ("fp32" if points[0].cfg.device == "cpu" else "bf16-mixed")
-    setup = Setup(devices=args.nproc_per_node, strategy=args.strategy, checkpointing=args.gradient_checkpointing,
+    cfg = points[0].cfg
+    precision = args.precision or ("fp32" if cfg.device == "cpu" else "bf16-mixed")
+    setup = Setup(devices=args.nproc_per_node or cfg.distributed.nproc_per_node,
+                  strategy=args.strategy or cfg.distributed.strategy, checkpointing=args.gradient_checkpointing,
                   precision=precision)
     table, notes = memory_table(points, setup, args.device_memory)
     where = "1 device" if setup.devices == 1 else f"{setup.devices} devices, {setup.strategy}"
@@ -466,10 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     memory = p.add_argument_group("memory plan (docs/memory.md)")
     memory.add_argument("--memory", action="store_true", help="print each stage's peak memory per device instead: "
                         "weights, gradients, optimizer state, activations, curvature (from the model's config.json)")
-    memory.add_argument("--nproc-per-node", type=number(int, ge=1, le=1024), default=1,
-                        help="devices the stage is spread over (default 1)")
-    memory.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
-                        help="ddp (replicated weights) or fsdp (sharded weights, gradients and moments)")
+    memory.add_argument("--nproc-per-node", type=like_field("config:DistributedConfig.nproc_per_node"),
+                        help="devices the stage is spread over (default: the config's distributed.nproc_per_node)")
+    memory.add_argument("--strategy", choices=["ddp", "fsdp"],
+                        help="ddp (replicated weights) or fsdp (sharded weights, gradients and moments); default: "
+                             "the config's distributed.strategy")
     memory.add_argument("--gradient-checkpointing", action="store_true",
                         help="as if training.gradient_checkpointing were true for every stage")
     memory.add_argument("--precision", choices=["fp32", "bf16-mixed"],
