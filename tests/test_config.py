@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from chaintune.config import apply_overrides, load_config, validate_config
+from chaintune.config import ExperimentConfig, apply_overrides, load_config, validate_config
 from chaintune.errors import ChaintuneError, ConfigError
 
 BASE = {"chains": [{"name": "a", "stages": [{"task": "toxigenqa"}, {"task": "arc_easy", "lr": 1e-4}]}]}
@@ -78,3 +78,10 @@ def test_multiple_comparisons_correction():
     assert validate_config(BASE | {"multiple_comparisons": "bh"}).multiple_comparisons == "bh"
     with pytest.raises(ConfigError, match="multiple_comparisons"):
         validate_config(BASE | {"multiple_comparisons": "bonferroni"})
+
+
+def test_compile_is_refused_for_jobs_of_several_ranks():
+    base = {"name": "x", "chains": [{"name": "c", "stages": [{"task": "bbq"}]}]}
+    ExperimentConfig.model_validate({**base, "compile": True})
+    with pytest.raises(ValueError, match="compile: true trains one process only"):
+        ExperimentConfig.model_validate({**base, "compile": True, "distributed": {"nproc_per_node": 2}})

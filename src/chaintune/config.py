@@ -376,6 +376,8 @@ class ExperimentConfig(Strict):
         if gpus is not None and gpus > 1 and (gpus != int(gpus) or self.distributed.nproc_per_node not in (1, gpus)):
             raise ValueError(f"executor.gpus_per_job {gpus:g} above 1 runs a job as that many ranks: make it a whole "
                              "number and leave distributed.nproc_per_node at 1 (or equal to it)")
+        if self.compile and self.ranks_per_job() > 1:
+            raise ValueError("compile: true trains one process only; set compile: false for jobs of several ranks")
         if self.distributed.strategy == "fsdp" and self.ranks_per_job() > 1:
             for stage in (s for c in self.chains for s in c.stages):
                 training = stage.training(self.training)

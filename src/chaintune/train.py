@@ -314,7 +314,7 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
             start, curve, tokens, seconds = resumed
     model.train()
     decoder, compile_seconds = None, 0.0
-    if compile and ranks is None and start < total:
+    if compile and start < total:  # one process only (config validation refuses compile with several ranks)
         decoder, t_compile = compile_decoder(model), time.perf_counter()
         warm = sorted(range(len(data)), key=lambda i: lengths[i])[: cfg.batch_size]
         warm_forward = functools.partial(answer_loss_sum, model, decoder=decoder)
