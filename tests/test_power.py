@@ -88,7 +88,8 @@ def test_plan_power_on_a_pilot_directory():
     f = plan.findings.set_index("finding")
     assert {"forgetting F", "order difference (RF)", "replay recovery"} <= set(f.index)
     assert any(name.startswith("BF_spread") for name in f.index)
-    shares = plan.findings[["seed_share", "question_share", "residual_share"]].sum(axis=1)
+    crossed = plan.findings[~plan.findings.finding.str.startswith("curvature")]  # correlations have no shares
+    shares = crossed[["seed_share", "question_share", "residual_share"]].sum(axis=1)
     assert np.allclose(shares, 1.0)
     # the MDE of the pilot's design is the effect its t test detects with 80 % power
     row = plan.findings[plan.findings.finding == "order difference (RF)"].iloc[0]
@@ -152,3 +153,41 @@ def test_one_seed_pilot_is_refused(tmp_path):
         plan_power(out)
     with pytest.raises(ChaintuneError, match="no finished runs"):
         plan_power(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ correlations
+def test_correlation_power_by_hand():
+    # Fisher z: atanh(0.5) = 0.549306; with 28 points √25 = 5, so Φ(2.746531 − 1.959964) + Φ(−2.746531 − 1.959964)
+    assert st.correlation_power(0.5, 28) == pytest.approx(0.784233 + 1.26e-6, abs=2e-6)
+    assert st.correlation_power(-0.5, 28) == st.correlation_power(0.5, 28)
+    # 29 points give 0.7979 (< 0.8), 30 give 0.8112: ((1.959964 + 0.841621) / 0.549306)² + 3 = 29.01
+    assert st.correlation_points_needed(0.5) == 30
+    mde = st.correlation_mde(30)
+    assert mde < 0.5 and st.correlation_power(mde, 30) == pytest.approx(0.8, abs=1e-9)
+    assert math.isnan(st.correlation_power(0.5, 3)) and math.isnan(st.correlation_mde(3))
+    assert st.correlation_points_needed(0.0) is None
+
+
+def test_planned_correlation_design_reaches_its_power():
+    # the points the planner asks for, for ρ = 0.4, detect it (Pearson's exact test, α 0.05) in 70–90 % of experiments
+    from scipy.stats import pearsonr
+    rng, rho = np.random.default_rng(21), 0.4
+    n = st.correlation_points_needed(rho)
+    assert 40 <= n <= 55
+    cov = [[1.0, rho], [rho, 1.0]]
+    rate = np.mean([pearsonr(*rng.multivariate_normal([0, 0], cov, n).T).pvalue < 0.05 for _ in range(N_EXPERIMENTS)])
+    assert BAR[0] <= rate <= BAR[1], (n, rate)
+
+
+def test_plan_power_plans_curvature_over_distinct_first_stages():
+    plan = plan_power(RUNDIR_V1, Targets(seeds=(2, 4), correlation=0.6))
+    rows = plan.findings[plan.findings.finding.str.startswith("curvature")]
+    overall = rows[rows.subject.str.contains("all first-stage tasks")].iloc[0]
+    assert overall.target == 0.6 and overall.points >= 4 and math.isnan(overall.questions)
+    assert overall.mde == pytest.approx(st.correlation_mde(int(overall.points)))
+    designs = plan.designs[plan.designs.subject == overall.subject].set_index("seeds")
+    # the fixture has 2 seeds: 4 seeds double the distinct first stages
+    assert designs.loc[4, "points"] == 2 * designs.loc[2, "points"] == 2 * overall.points
+    assert designs.loc[4, "power"] == pytest.approx(st.correlation_power(0.6, int(designs.loc[4, "points"])))
+    with pytest.raises(ChaintuneError, match="correlation"):
+        plan_power(RUNDIR_V1, Targets(correlation=1.0))

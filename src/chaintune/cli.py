@@ -323,12 +323,14 @@ def cmd_power(args: argparse.Namespace) -> int:
     from chaintune.analysis.power import Targets, plan_power
     from chaintune.formatting import format_number, format_seconds
 
-    targets = Targets(args.order, args.spread, args.recovery, args.alpha, args.power, args.seeds)
+    targets = Targets(args.order, args.spread, args.recovery, args.correlation, args.alpha, args.power, args.seeds)
     plan = plan_power(args.run_dir, targets)
     f = plan.findings
-    shown = f[["finding", "subject", "estimate", "seeds", "questions", "se"]].assign(**{
-        "seed / question / residual %": [f"{100 * a:.0f} / {100 * b:.0f} / {100 * c:.0f}" for a, b, c in
-                                         zip(f.seed_share, f.question_share, f.residual_share)],
+    shown = f[["finding", "subject", "estimate", "seeds"]].assign(**{
+        "questions (points)": [f"{q:.0f}" if q == q else f"({p:.0f} stages)" for q, p in zip(f.questions, f.points)],
+        "se": f.se,
+        "seed / question / residual %": [f"{100 * a:.0f} / {100 * b:.0f} / {100 * c:.0f}" if a == a else "—"
+                                         for a, b, c in zip(f.seed_share, f.question_share, f.residual_share)],
         "level": f.level, f"MDE at {100 * args.power:g}% power": f.mde, "target": f.target,
         "power at target": f.power_at_target, "CPU time": [format_seconds(3600 * h) for h in f.cpu_hours]})
     print_frame(shown, f"Minimal detectable effects of {args.run_dir}'s design (two-sided, seed × question variance)")
@@ -337,9 +339,12 @@ def cmd_power(args: argparse.Namespace) -> int:
         for (finding, subject), part in plan.designs.groupby(["finding", "subject"], sort=False):
             row = {"finding": finding, "subject": subject, "target": part.target.iloc[0]}
             for d in part.itertuples():
-                row[f"{d.seeds} seeds"] = (f"×{d.question_factor:.2g} = {d.questions} q, "
-                                           f"{format_seconds(3600 * d.cpu_hours)}" if d.questions
-                                           else f"— (power {format_number(d.power)})")
+                row[f"{d.seeds} seeds"] = (
+                    f"×{d.question_factor:.2g} = {d.questions:.0f} q, {format_seconds(3600 * d.cpu_hours)}"
+                    if d.questions == d.questions and d.questions else
+                    f"{d.points:.0f} stages: power {format_number(d.power)}, {format_seconds(3600 * d.cpu_hours)}"
+                    if d.points == d.points else
+                    f"— (power {format_number(d.power)})")
             rows.append(row)
         print_frame(pd.DataFrame(rows), f"Test questions (× the pilot's, all test sets of the finding) and CPU time "
                                         f"to detect each target with {100 * args.power:g}% power")
@@ -508,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spread", type=number(float, gt=0, le=200), default=10.0, help="BF_spread to detect (pp, default 10)")
     p.add_argument("--recovery", type=number(float, gt=0, le=100), default=0.5,
                    help="replay recovery to detect (fraction, default 0.5)")
+    p.add_argument("--correlation", type=number(float, gt=0, lt=1), default=0.5,
+                   help="Pearson r of λ_max vs forgetting to detect (default 0.5)")
     p.add_argument("--alpha", type=number(float, gt=0, lt=1), default=0.05, help="two-sided test level (default 0.05)")
     p.add_argument("--power", type=number(float, gt=0, lt=1), default=0.8, help="power to reach (default 0.8)")
     p.add_argument("--seeds", type=int_list(ge=2, le=10000), default=(3, 5, 8, 10, 15, 20),

@@ -47,6 +47,18 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
+def release_freed_memory() -> bool:
+    """Return the memory this process has freed to the OS (glibc `malloc_trim`; returns whether it applied). With
+    `keep_freed_memory` RSS stays at its high-water mark, and a long-lived worker that runs training, evaluation and
+    curvature jobs one after another grows to the sum of their fragmented peaks (13.6 GiB for one of two workers
+    of configs/reproduce_cpu.yaml, whose jobs each peak below 5 GiB); every executor calls this after each job."""
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return bool(libc is not None and hasattr(libc, "malloc_trim") and libc.malloc_trim(0))
+
+
 def prepare_process() -> None:
     """The process-wide CPU settings, applied when chaintune is imported: `passive_omp_wait`, `keep_freed_memory`."""
     passive_omp_wait()

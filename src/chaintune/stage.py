@@ -24,6 +24,7 @@ from chaintune.io import file_sha256, read_json
 from chaintune.provenance import eval_environment
 from chaintune.gate import (chance_baseline, diverged, failure_reasons, loss_ends, majority_baseline,
                             split_validation, train_seed)
+from chaintune.runtime import release_freed_memory
 from chaintune.rundir import CurvatureRecord, EvalRecord, GateAttempt, GateRecord, NodeRecord, RunDir
 from chaintune.tasks import (Example, canonical_task_name, get_task, load_eval_set, load_task, register_user_tasks,
                              resolve_data_dir)
@@ -374,4 +375,7 @@ def execute(job: Job, progress: bool = False) -> dict[str, Any]:
         cache = WeightCache(out, job.settings.model, job.settings.device, job.settings.trust_remote_code)
         current = _PROCESS["executor"] = StageExecutor(cache, echo=functools.partial(print, flush=True))
     current.progress = progress
-    return current.run(job)
+    try:
+        return current.run(job)
+    finally:
+        release_freed_memory()  # the next job starts from what this one still holds, not from its peak

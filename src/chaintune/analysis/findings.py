@@ -172,6 +172,15 @@ def findings(runs: list[RunData], tables: dict[str, pd.DataFrame] | None = None)
             out["How much does replay recover, at what cost?"].append(
                 f"Smallest f recovering ≥ 90 % ({r.replay_task} into {r.task}): "
                 f"{f'{100 * f:g} %' if found else 'none of the fractions tried'}.")
+    claims = tables.get("claims")
+    if claims is not None and not claims.empty:
+        out["The paper's claims: verdicts"] = [
+            f"{r.claim} — {r.subject}: {r.effect:.3g} {r.unit} [{r.ci_low:.3g}, {r.ci_high:.3g}], p = {r.p_value:.3g}, "
+            f"adjusted p = {r.adj_p:.3g} ({r.correction}); MDE at 80 % power {r.mde:.3g} vs target {r.target:g} "
+            f"({r.n}): {r.verdict}." for r in claims.itertuples()] + [
+            "Verdicts: reproduces = significant after correction in the paper's direction; does not (powered null) "
+            "= not significant although the MDE is at most the target effect; cannot tell at this power = not "
+            "significant with the MDE above the target (docs/metrics.md)."]
     methods = _methods(tables)
     if methods:
         out["How were the intervals computed?"] = methods

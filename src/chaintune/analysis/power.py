@@ -13,7 +13,10 @@ Findings and their effects:
   |BF_g| >= δ/2 (F is a weighted mean of the F_g), so the planner asks for power to detect |BF_g| = δ/2 at the
   Bonferroni level α/G (Holm's first step; its power is at least this) for the group of median standard error;
   target `spread`;
-- replay recovery (fraction) at each replay fraction f > 0: recovery = 0 vs the target `recovery`.
+- replay recovery (fraction) at each replay fraction f > 0: recovery = 0 vs the target `recovery`;
+- curvature → forgetting: Pearson r of λ_max after stage s vs F after stage s + 1 over the distinct measured
+  stages (the points, `tables.curvature_vs_forgetting`), all tasks and per first-stage task; Fisher-z power for
+  the target `correlation`, with the points scaling with the seeds (no question part: the test is over stages).
 
 Designs scale every chain of the finding to n seeds and every test set to k × its questions, drawn from the same
 question population; k is never below 1 (fewer questions than the pilot would extrapolate the linearised ratios
@@ -32,7 +35,8 @@ from scipy.stats import chi2
 from chaintune import stats as st
 from chaintune.analysis import intervals as iv
 from chaintune.analysis.records import RunData, load_runs
-from chaintune.analysis.tables import order_blocks, order_pairs, replay_rows, runs_by_chain
+from chaintune.analysis.run_metrics import OVERALL
+from chaintune.analysis.tables import curvature_vs_forgetting, order_blocks, order_pairs, replay_rows, runs_by_chain
 from chaintune.errors import ChaintuneError
 from chaintune.rundir import RunDir
 
@@ -41,12 +45,13 @@ __all__ = ["Targets", "PowerPlan", "plan_power"]
 
 @dataclass(frozen=True)
 class Targets:
-    """Effects to detect (order: points of RF; spread: pp; recovery: fraction), two-sided level, power, and the
-    numbers of seeds per chain to offer designs for."""
+    """Effects to detect (order: points of RF; spread: pp; recovery: fraction; correlation: Pearson r of λ_max vs
+    forgetting), two-sided level, power, and the numbers of seeds per chain to offer designs for."""
 
     order: float = 5.0
     spread: float = 10.0
     recovery: float = 0.5
+    correlation: float = 0.5
     alpha: float = 0.05
     power: float = 0.8
     seeds: tuple[int, ...] = (3, 5, 8, 10, 15, 20)
@@ -57,6 +62,9 @@ class Targets:
             if not getattr(self, name) > 0:
                 raise ChaintuneError(f"target {name} must be > 0, got {getattr(self, name)}",
                                      f"pass a positive --{name}")
+        if not 0 < self.correlation < 1:
+            raise ChaintuneError(f"target correlation must lie in (0, 1), got {self.correlation}",
+                                 "pass e.g. --correlation 0.5")
         if not 0 < self.alpha < 1:
             raise ChaintuneError(f"alpha must lie in (0, 1), got {self.alpha}", "pass e.g. --alpha 0.05")
         if not self.alpha < self.power < 1:
@@ -78,7 +86,7 @@ class PowerPlan:
 
 
 @dataclass
-class _Finding:
+class Finding:
     finding: str
     subject: str
     unit: str
@@ -94,19 +102,19 @@ def _pilot_seeds(runs: list[RunData]) -> int:
     return len({r.seed for r in runs})
 
 
-def _forgetting(runs: list[RunData], q: iv.Questions, alpha: float) -> list[_Finding]:
+def _forgetting(runs: list[RunData], q: iv.Questions, alpha: float) -> list[Finding]:
     out = []
     for chain, part in runs_by_chain(runs).items():
         for f in part[0].metrics.get("forgetting", []):
             res = iv.interval([iv.forgetting_values(q, r, f["task"], f["trained_stage"], f["after_stage"], "F")
                                for r in part])
             if not isinstance(res, str):
-                out.append(_Finding("forgetting F", f"{chain}: {f['task']}", "pp", res.estimate, res, alpha, None,
+                out.append(Finding("forgetting F", f"{chain}: {f['task']}", "pp", res.estimate, res, alpha, None,
                                     1.0, part))
     return out
 
 
-def _orders(runs: list[RunData], q: iv.Questions, targets: Targets) -> list[_Finding]:
+def order_findings(runs: list[RunData], q: iv.Questions, targets: Targets) -> list[Finding]:
     kinds = {task: kind for r in runs for task, kind in r.task_kinds.items()}
     out, pooled = [], []
     for chain_ab, chain_ba, a, b in order_pairs(runs):
@@ -119,19 +127,19 @@ def _orders(runs: list[RunData], q: iv.Questions, targets: Targets) -> list[_Fin
         blocks = order_blocks([pair], q)
         if not isinstance(blocks, str):
             res = st.crossed_estimate(blocks)
-            out.append(_Finding("order difference (RF)", f"{chain_ab} vs {chain_ba}", "% RF", res.estimate, res,
+            out.append(Finding("order difference (RF)", f"{chain_ab} vs {chain_ba}", "% RF", res.estimate, res,
                                 targets.alpha, targets.order, 1.0, first + second))
     if len(pooled) > 1:
         blocks = order_blocks(pooled, q)
         if not isinstance(blocks, str):
             res = st.crossed_estimate(blocks)
-            out.insert(0, _Finding("order difference (RF)", f"pooled over {len(pooled)} safety/capability pairs",
+            out.insert(0, Finding("order difference (RF)", f"pooled over {len(pooled)} safety/capability pairs",
                                    "% RF", res.estimate, res, targets.alpha, targets.order, 1.0,
                                    [r for p in pooled for r in p[0] + p[2]]))
     return out
 
 
-def _spreads(runs: list[RunData], q: iv.Questions, targets: Targets) -> list[_Finding]:
+def spread_findings(runs: list[RunData], q: iv.Questions, targets: Targets) -> list[Finding]:
     out = []
     for chain, part in runs_by_chain(runs).items():
         for bf in part[0].metrics.get("biased_forgetting", []):
@@ -148,12 +156,12 @@ def _spreads(runs: list[RunData], q: iv.Questions, targets: Targets) -> list[_Fi
             median = sorted(per_group, key=lambda res: res.se)[(len(per_group) - 1) // 2]
             spread = float(np.nanmean([x["BF_spread"] for r in part for x in r.metrics.get("biased_forgetting", [])
                                        if x["task"] == bf["task"] and x["trained_stage"] == bf["trained_stage"]]))
-            out.append(_Finding(f"BF_spread ({len(groups)} groups, median group at α/{len(groups)})",
+            out.append(Finding(f"BF_spread ({len(groups)} groups, median group at α/{len(groups)})",
                                 f"{chain}: {bf['task']}", "pp", spread, median, level, targets.spread / 2, 2.0, part))
     return out
 
 
-def _recoveries(runs: list[RunData], q: iv.Questions, targets: Targets) -> list[_Finding]:
+def recovery_findings(runs: list[RunData], q: iv.Questions, targets: Targets) -> list[Finding]:
     rows = replay_rows(runs)
     if rows.empty:
         return []
@@ -164,9 +172,37 @@ def _recoveries(runs: list[RunData], q: iv.Questions, targets: Targets) -> list[
         res = iv.interval([iv.recovery_values(q, by_id[p.run_id], p.replay_task, p.trained_stage, p.stage)
                            for p in part.itertuples()])
         if not isinstance(res, str):
-            out.append(_Finding("replay recovery", f"{replay_task} into {task}, f = {100 * fraction:g} %",
+            out.append(Finding("replay recovery", f"{replay_task} into {task}, f = {100 * fraction:g} %",
                                 "fraction", res.estimate, res, targets.alpha, targets.recovery, 1.0, involved))
     return out
+
+
+def _curvature(runs: list[RunData], costs: dict[str, "_NodeCost"], targets: Targets) -> tuple[list[dict], list[dict]]:
+    """(findings rows, design rows) of λ_max vs F: one per correlation row over all tasks and per first-stage task;
+    the points of a design with n seeds are the pilot's distinct measured stages × n / the pilot's seeds."""
+    _, corr = curvature_vs_forgetting(runs)
+    if corr.empty:
+        return [], []
+    pilot_seeds, found, designs = _pilot_seeds(runs), [], []
+    for c in corr[(corr.target == "F") & (corr.group == OVERALL)].itertuples():
+        involved = runs if c.task == OVERALL else [r for r in runs if any(
+            x["task"] == c.task for x in r.metrics.get("curvature", []))]
+        points, subject = int(c.first_stages), ("all first-stage tasks" if c.task == OVERALL else c.task)
+        subject = f"λ_max after a stage vs F after the next ({subject})"
+        found.append({
+            "finding": "curvature → forgetting (Pearson r)", "subject": subject, "unit": "r",
+            "estimate": c.pearson_r, "seeds": pilot_seeds, "questions": math.nan, "se": math.nan,
+            "seed_share": math.nan, "question_share": math.nan, "residual_share": math.nan, "level": targets.alpha,
+            "mde": st.correlation_mde(points, targets.alpha, targets.power), "target": targets.correlation,
+            "power_at_target": st.correlation_power(targets.correlation, points, targets.alpha),
+            "cpu_hours": _cpu_hours(costs, involved, pilot_seeds, 1.0), "points": points})
+        for n in targets.seeds:
+            scaled = max(1, round(points * n / pilot_seeds))
+            designs.append({"finding": found[-1]["finding"], "subject": subject, "target": targets.correlation,
+                            "seeds": n, "question_factor": math.nan, "questions": None, "points": scaled,
+                            "power": st.correlation_power(targets.correlation, scaled, targets.alpha),
+                            "cpu_hours": _cpu_hours(costs, involved, n, 1.0)})
+    return found, designs
 
 
 # ------------------------------------------------------------------------------------------------ CPU time
@@ -219,7 +255,7 @@ def _speeds(out: RunDir, runs: list[RunData]) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------ the plan
-def _design(f: _Finding, n_seeds: int, targets: Targets) -> tuple[float | None, float]:
+def _design(f: Finding, n_seeds: int, targets: Targets) -> tuple[float | None, float]:
     """(question factor k >= 1 that reaches the target power, the design's power) at n_seeds; (None, power at the
     largest k tried) when no k does."""
     terms = f.interval.terms
@@ -238,8 +274,8 @@ def plan_power(run_dir: str | Path, targets: Targets = Targets()) -> PowerPlan:
     out = RunDir(root)
     runs = load_runs(out)
     q = iv.Questions()
-    found = (_forgetting(runs, q, targets.alpha) + _orders(runs, q, targets) + _spreads(runs, q, targets)
-             + _recoveries(runs, q, targets))
+    found = (_forgetting(runs, q, targets.alpha) + order_findings(runs, q, targets) + spread_findings(runs, q, targets)
+             + recovery_findings(runs, q, targets))
     found = [f for f in found if math.isfinite(f.interval.se) and f.interval.se > 0]
     if not found:
         seeds = max((len({r.seed for r in runs if r.chain == c}) for c in {r.chain for r in runs}), default=0)
@@ -259,7 +295,7 @@ def plan_power(run_dir: str | Path, targets: Targets = Targets()) -> PowerPlan:
             "seed_share": ci.var_seed / ci.se ** 2, "question_share": ci.var_question / ci.se ** 2,
             "residual_share": ci.var_residual / ci.se ** 2, "level": f.level, "mde": mde,
             "target": f.target * f.scale if f.target is not None else math.nan, "power_at_target": now,
-            "cpu_hours": _cpu_hours(costs, f.runs, _pilot_seeds(f.runs), 1.0)})
+            "cpu_hours": _cpu_hours(costs, f.runs, _pilot_seeds(f.runs), 1.0), "points": math.nan})
         if f.target is None:
             continue
         for n in targets.seeds:
@@ -267,11 +303,17 @@ def plan_power(run_dir: str | Path, targets: Targets = Targets()) -> PowerPlan:
             design_rows.append({"finding": f.finding, "subject": f.subject, "target": f.target * f.scale,
                                 "seeds": n, "question_factor": k,
                                 "questions": math.ceil(k * ci.n_questions) if k else None,
-                                "power": achieved, "cpu_hours": _cpu_hours(costs, f.runs, n, k) if k else math.nan})
+                                "points": math.nan, "power": achieved, "cpu_hours": _cpu_hours(costs, f.runs, n, k) if k else math.nan})
+    curvature_rows, curvature_designs = _curvature(runs, costs, targets)
+    findings_rows += curvature_rows
+    design_rows += curvature_designs
     notes = [f"Variance parts from {len(runs)} runs; designs keep each finding's chains and scale them to n seeds "
              "and k × the test questions (k >= 1) of the same question population.",
              "CPU time: the sum of the pilot's measured stage times (training, curvature, evaluation) scaled to the "
              "design; with --workers W the wall time is about CPU time / W."]
+    if curvature_rows:
+        notes.append("Curvature → forgetting: Fisher-z power over the distinct measured stages (points), which "
+                     "scale with the seeds; its MDE and target are Pearson r.")
     fewest = min(_pilot_seeds(f.runs) for f in found)
     if fewest < 10:
         low, high = (fewest - 1) / chi2.ppf([0.95, 0.05], fewest - 1)

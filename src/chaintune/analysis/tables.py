@@ -51,7 +51,8 @@ def correction_of(runs: list[RunData]) -> str:
 
 def summary_tables(runs: list[RunData] | str | Path, correction: str | None = None) -> dict[str, pd.DataFrame]:
     """Tables over seeds: learning gain, forgetting, group forgetting, biased forgetting, order asymmetry,
-    curvature and its correlation with forgetting, replay, BBQ bias. `runs`: loaded runs, or a run directory;
+    curvature and its correlation with forgetting, replay, BBQ bias, and the paper's claims with verdicts
+    (`analysis.claims`). `runs`: loaded runs, or a run directory;
     `correction`: holm | bh for the per-group families (default: the experiment's `multiple_comparisons`).
 
     Intervals over >= 2 seeds are crossed seed × question t intervals (`analysis.intervals`) where the runs' stored
@@ -115,6 +116,10 @@ def summary_tables(runs: list[RunData] | str | Path, correction: str | None = No
         dis = _ci(bbq, ["chain", "task", "stage", "category"], "s_dis")
         amb = _ci(bbq, ["chain", "task", "stage", "category"], "s_amb").drop(columns=["seeds"])
         tables["bbq_bias"] = _t_only(dis.merge(amb, on=["chain", "task", "stage", "category"]))
+    from chaintune.analysis.claims import claims_table  # it builds on the tables above (and power's findings)
+    claims = claims_table(runs, tables)
+    if not claims.empty:
+        tables["claims"] = claims
     return tables
 
 

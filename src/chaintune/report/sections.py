@@ -30,6 +30,11 @@ def _findings(b: _Builder, exp: _Experiment, tag: str, prefix: str) -> None:
     for question, lines in answers.items():
         items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
         b.text(sec, f"<p><b>{html.escape(question)}</b></p><ul>{items}</ul>")
+    claims = exp.tables.get("claims")
+    if claims is not None and not claims.empty:
+        b.table(sec, f"{prefix}claims", claims, "The paper's claims: effect [95% interval, ci_method], p and the p "
+                "adjusted within its family (correction), the design's minimal detectable effect at 80% power (mde) "
+                "against the target effect, and the verdict (docs/metrics.md).")
 
 
 def _gate(b: _Builder, exp: _Experiment, tag: str, prefix: str) -> None:

@@ -11,12 +11,15 @@ from chaintune.stats.linearize import (
 )
 from chaintune.stats.multiple import CORRECTIONS, adjust_p_values, benjamini_hochberg, correction_name, holm
 from chaintune.stats.permutation import PermutationTest, permutation_test
-from chaintune.stats.power import design_variance, minimal_detectable_effect, power, questions_needed, seeds_needed
+from chaintune.stats.power import (
+    correlation_mde, correlation_points_needed, correlation_power, design_variance, minimal_detectable_effect, power,
+    questions_needed, seeds_needed,
+)
 
 __all__ = [
     "Block", "CrossedInterval", "RunValues", "VarianceTerm", "blocks_from_runs", "crossed_difference",
     "crossed_estimate", "crossed_interval", "satterthwaite_df", "variance_components", "BF_SUMMARIES",
     "bf_g_pseudo_values", "bf_summary_pseudo_values", "group_means", "group_pseudo_values", "ratio_pseudo_values",
     "CORRECTIONS", "adjust_p_values", "benjamini_hochberg", "correction_name", "holm", "PermutationTest",
-    "permutation_test", "design_variance", "minimal_detectable_effect", "power", "questions_needed", "seeds_needed",
+    "permutation_test", "correlation_mde", "correlation_points_needed", "correlation_power", "design_variance", "minimal_detectable_effect", "power", "questions_needed", "seeds_needed",
 ]

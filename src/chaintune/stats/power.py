@@ -9,6 +9,10 @@ in every seed group and `question_factor` × the questions of every question set
 and the design's degrees of freedom follow Satterthwaite (1946), each term on n_seeds − 1, k·Q − 1 or
 (n_seeds − 1)(k·Q − 1) df. Power is that of the two-sided t test at level α for a true effect δ: with
 T ~ noncentral t(ν, δ / se), power = P(|T| > t_{1−α/2, ν}).
+
+Correlations (curvature → forgetting over n distinct first stages) use Fisher's z: atanh(r̂) is about
+N(atanh ρ, 1 / (n − 3)), so the two-sided test of ρ = 0 at level α has power
+Φ(atanh(ρ)·√(n − 3) − z_{1−α/2}) + Φ(−atanh(ρ)·√(n − 3) − z_{1−α/2}).
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from scipy import optimize, stats
 
 from chaintune.stats.crossed import VarianceTerm, satterthwaite_df
 
-__all__ = ["design_variance", "power", "minimal_detectable_effect", "questions_needed", "seeds_needed"]
+__all__ = ["design_variance", "power", "minimal_detectable_effect", "questions_needed", "seeds_needed",
+           "correlation_power", "correlation_mde", "correlation_points_needed"]
 
 
 def design_variance(terms: Sequence[VarianceTerm], n_seeds: int, question_factor: float = 1.0) -> tuple[float, float]:
@@ -103,3 +108,33 @@ def seeds_needed(terms: Sequence[VarianceTerm], effect: float, question_factor: 
         if power(effect, variance, df, alpha) >= target:
             return n
     return None
+
+
+def correlation_power(rho: float, n_points: int, alpha: float = 0.05) -> float:
+    """P(reject ρ = 0) of the two-sided Fisher-z test over `n_points` independent points when the true
+    correlation is `rho` (NaN below 4 points)."""
+    if n_points < 4:
+        return math.nan
+    shift, crit = math.atanh(min(abs(rho), 1 - 1e-12)) * math.sqrt(n_points - 3), stats.norm.ppf(1 - alpha / 2)
+    return float(stats.norm.cdf(shift - crit) + stats.norm.cdf(-shift - crit))
+
+
+def correlation_mde(n_points: int, alpha: float = 0.05, target: float = 0.8) -> float:
+    """The smallest |ρ| that `n_points` independent points detect with probability `target` (NaN below 4)."""
+    if n_points < 4:
+        return math.nan
+    z = (stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(target)) / math.sqrt(n_points - 3)
+    return float(optimize.brentq(lambda r: correlation_power(r, n_points, alpha) - target, 0.0, math.tanh(z + 1)))
+
+
+def correlation_points_needed(rho: float, alpha: float = 0.05, target: float = 0.8,
+                              max_points: int = 10**6) -> int | None:
+    """The fewest independent points (>= 4) that detect correlation `rho` with probability `target`; None if
+    `max_points` do not."""
+    if rho == 0:
+        return None
+    z = (stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(target)) / math.atanh(min(abs(rho), 1 - 1e-12))
+    n = max(4, math.floor(z * z + 3) - 1)
+    while n <= max_points and correlation_power(rho, n, alpha) < target:
+        n += 1
+    return n if n <= max_points else None
