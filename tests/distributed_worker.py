@@ -41,7 +41,8 @@ def main(model_dir: str, data: str, out: str) -> None:
         work = Path(out) / f"work-{strategy}"
         work.mkdir(parents=True, exist_ok=True)
         model, tokenizer = load_model(model_dir, device="cpu", dtype="float32")
-        result = train_stage(model, tokenizer, examples, cfg, seed=0, work_dir=work, ranks=mine)
+        validation = examples[:spec.get("validation", 0)]  # select_best's validation slice (test: the first few)
+        result = train_stage(model, tokenizer, examples, cfg, seed=0, work_dir=work, ranks=mine, validation=validation)
         model = gather_weights(model, mine)
         if mine.writer:
             write_json(Path(out) / f"{strategy}.json", {"curve": result.curve})

@@ -79,6 +79,22 @@ def test_two_ranks_train_score_and_measure_like_one_process(tmp_path, tiny_model
         assert losses < 1e-5 and trained < 1e-5, strategy
 
 
+def test_select_best_under_ranks_restores_the_one_process_weights(tmp_path, tiny_model_dir):
+    # lr 0.5: the validation loss rises after step 1, so both strategies must restore step 1's weights (under FSDP
+    # the restore was lost until the root's parameters were resharded after each validation pass)
+    data, training = examples(), TRAINING | {"select_best": True, "eval_every": 1, "max_steps": 6, "lr": 0.5}
+    (tmp_path / "data.json").write_text(json.dumps({"examples": [e.to_dict() for e in data], "training": training,
+                                                    "validation": 4}))
+    torchrun(str(HERE / "distributed_worker.py"), str(tiny_model_dir), str(tmp_path / "data.json"), str(tmp_path))
+    model, tokenizer = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    result = train_stage(model, tokenizer, data, TrainingConfig.model_validate(training), seed=0,
+                         validation=data[:4])
+    assert result.best_step == 1 < result.steps
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    for strategy in ("ddp", "fsdp"):
+        assert max_diff(load_file(tmp_path / f"{strategy}.safetensors"), weights) < 1e-5, strategy
+
+
 def test_a_rank_killed_mid_stage_resumes_to_the_one_process_result(tmp_path, mcq_config, isolated, monkeypatch):
     def config(out: Path, **extra) -> dict:
         return mcq_config(out, chains=[{"name": "a", "stages": [{"task": "mcq_a"}]}], eval_tasks=["mcq_a"],

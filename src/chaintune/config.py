@@ -381,8 +381,8 @@ class ExperimentConfig(Strict):
         if self.distributed.strategy == "fsdp" and self.ranks_per_job() > 1:
             for stage in (s for c in self.chains for s in c.stages):
                 training = stage.training(self.training)
-                unsupported = [n for n, used in (("LoRA", training.method == "lora"), ("sam", training.optimizer ==
-                               "sam"), ("select_best", training.select_best)) if used]
+                unsupported = [n for n, used in (("LoRA", training.method == "lora"),
+                                                 ("sam", training.optimizer == "sam")) if used]
                 if unsupported:
                     raise ValueError(f"distributed.strategy fsdp supports full fine-tuning with AdamW; stage "
                                      f"'{stage.label}' uses {unsupported[0]}: use strategy ddp for it")

@@ -143,6 +143,18 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def reshard(module: torch.nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 unit of `module` (no-op without FSDP). FSDP2 keeps the root's
+    parameters gathered after a forward that no backward follows (a validation pass): `named_parameters()` then
+    yields those temporary whole tensors, and a write into them (select_best's restore) is lost at the next
+    reshard. Call this before reading or writing sharded parameters outside a training step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 def shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """`full` placed like `param`: this rank's shard (a DTensor) when `param` is sharded, else `full` itself."""
     from torch.distributed.tensor import DTensor, distribute_tensor

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from chaintune.config import TrainingConfig
-from chaintune.distributed import Ranks, full_tensor, shard_like, wrap_for_training
+from chaintune.distributed import Ranks, full_tensor, reshard, shard_like, wrap_for_training
 from chaintune.errors import TrainingError
 from chaintune.evaluate import decoder_and_head, encode_pair, warn_truncated
 from chaintune.io import read_json, write_json, write_safetensors
@@ -382,6 +382,8 @@ def train_stage(model, tokenizer, examples: Sequence[Example], cfg: TrainingConf
                   "grad_norm": float(grad_norm), "tokens": tokens, "seconds": seconds}
         if val_data and ((step + 1) % eval_every == 0 or step + 1 == total):
             record["val_loss"] = validation_loss(model, val_data, pad_id, cfg.batch_size, forward, ranks)
+            if wrapped is not None:
+                reshard(wrapped)  # FSDP: the root's parameters are sharded again, so offer/restore see the shards
             best.offer(record["val_loss"], step + 1, model)
             t_last = time.perf_counter()  # validation time is not training time
         curve.append(record)
