@@ -475,3 +475,14 @@ def test_lora_stages_on_workers_print_no_warnings(tmp_path, mcq_experiment):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     proc = cli("run", str(tmp_path / "c.yaml"), "--workers", "2", "--no-progress")
     assert proc.returncode == 0 and "Warning" not in proc.stderr, proc.stderr
+
+
+def test_a_worker_killed_by_the_os_is_named_as_such():
+    from concurrent.futures.process import BrokenProcessPool
+
+    from chaintune.engine import _error_line
+
+    line = _error_line(BrokenProcessPool("A process in the process pool was terminated abruptly while the future was "
+                                         "running or pending."))
+    assert "out of memory" in line and "--workers" in line and "\n" not in line
+    assert _error_line(RuntimeError("boom\ndetails")) == "RuntimeError: boom"
