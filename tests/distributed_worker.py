@@ -3,7 +3,8 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py MODEL_DIR DATA OUT
 
 It scores the examples in DATA (JSON) with the untrained model and measures its λ_max, data-parallel; then, for each
-strategy (ddp, fsdp), trains the model on them with `train_stage(ranks=...)` and gathers the weights. Rank 0 writes
+strategy (ddp, fsdp), trains the model on them with `train_stage(ranks=...)` (LoRA: adapters attached first, merged after) and gathers
+the weights. Rank 0 writes
 OUT/eval.json (scores, λ_max), OUT/<strategy>.json (loss curve) and OUT/<strategy>.safetensors (weights) for the
 test to compare with one process.
 """
@@ -22,7 +23,7 @@ from chaintune.evaluate import score_examples
 from chaintune.io import write_json, write_safetensors
 from chaintune.models import load_model
 from chaintune.tasks import Example
-from chaintune.train import train_stage
+from chaintune.train import attach_lora, train_stage
 
 
 def main(model_dir: str, data: str, out: str) -> None:
@@ -41,9 +42,13 @@ def main(model_dir: str, data: str, out: str) -> None:
         work = Path(out) / f"work-{strategy}"
         work.mkdir(parents=True, exist_ok=True)
         model, tokenizer = load_model(model_dir, device="cpu", dtype="float32")
+        if cfg.method == "lora":
+            model = attach_lora(model, cfg, seed=0)
         validation = examples[:spec.get("validation", 0)]  # select_best's validation slice (test: the first few)
         result = train_stage(model, tokenizer, examples, cfg, seed=0, work_dir=work, ranks=mine, validation=validation)
         model = gather_weights(model, mine)
+        if cfg.method == "lora":
+            model = model.merge_and_unload()
         if mine.writer:
             write_json(Path(out) / f"{strategy}.json", {"curve": result.curve})
             write_safetensors(Path(out) / f"{strategy}.safetensors",

@@ -23,7 +23,7 @@ from chaintune.evaluate import score_examples
 from chaintune.models import load_model
 from chaintune.rundir import RunDir
 from chaintune.tasks import Example
-from chaintune.train import train_stage
+from chaintune.train import attach_lora, train_stage
 from chaintune.verify import verdict, verify_run
 
 pytestmark = pytest.mark.distributed
@@ -92,6 +92,22 @@ def test_select_best_under_ranks_restores_the_one_process_weights(tmp_path, tiny
     assert result.best_step == 1 < result.steps
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     for strategy in ("ddp", "fsdp"):
+        assert max_diff(load_file(tmp_path / f"{strategy}.safetensors"), weights) < 1e-5, strategy
+
+
+def test_lora_under_ranks_matches_one_process(tmp_path, tiny_model_dir):
+    # FSDP shards the frozen base weights and the adapters alike; the gathered model gets the same adapters attached
+    lora = {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
+    data, training = examples(), TRAINING | lora
+    (tmp_path / "data.json").write_text(json.dumps({"examples": [e.to_dict() for e in data], "training": training}))
+    torchrun(str(HERE / "distributed_worker.py"), str(tiny_model_dir), str(tmp_path / "data.json"), str(tmp_path))
+    model, tokenizer = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    model = attach_lora(model, TrainingConfig.model_validate(training), seed=0)
+    result = train_stage(model, tokenizer, data, TrainingConfig.model_validate(training), seed=0)
+    weights = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+    for strategy in ("ddp", "fsdp"):
+        curve = json.loads((tmp_path / f"{strategy}.json").read_text())["curve"]
+        assert max(abs(a["loss"] - b["loss"]) for a, b in zip(curve, result.curve)) < 1e-5, strategy
         assert max_diff(load_file(tmp_path / f"{strategy}.safetensors"), weights) < 1e-5, strategy
 
 

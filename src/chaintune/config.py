@@ -381,11 +381,9 @@ class ExperimentConfig(Strict):
         if self.distributed.strategy == "fsdp" and self.ranks_per_job() > 1:
             for stage in (s for c in self.chains for s in c.stages):
                 training = stage.training(self.training)
-                unsupported = [n for n, used in (("LoRA", training.method == "lora"),
-                                                 ("sam", training.optimizer == "sam")) if used]
-                if unsupported:
-                    raise ValueError(f"distributed.strategy fsdp supports full fine-tuning with AdamW; stage "
-                                     f"'{stage.label}' uses {unsupported[0]}: use strategy ddp for it")
+                if training.optimizer == "sam":
+                    raise ValueError(f"distributed.strategy fsdp trains with AdamW; stage '{stage.label}' uses sam: "
+                                     "use strategy ddp for it")
         return self
 
     def ranks_per_job(self) -> int:

@@ -166,17 +166,26 @@ def shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 def gather_weights(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
     """A plain (unsharded) model with the trained weights on every rank: `model` itself under DDP; under FSDP a new
-    model of the same config, loaded with the gathered weights (tied weights tied again)."""
+    model of the same config (a LoRA model: the same adapters attached), loaded with the gathered weights (tied
+    weights tied again)."""
     if ranks.strategy == "ddp":
         return model
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     state = {name: full_tensor(p.detach()).to(ranks.device) for name, p in model.state_dict().items()}
+    adapters = getattr(model, "peft_config", None)  # a PeftModel: {adapter name: LoraConfig}
     with init_empty_weights():  # parameters on the meta device, buffers (rotary frequencies) real
         plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+        if adapters:
+            from peft import get_peft_model
+
+            plain = get_peft_model(plain, adapters["default"])
     plain.load_state_dict(state, assign=True, strict=False)
     plain.tie_weights()
+    empty = [name for name, p in plain.named_parameters() if p.is_meta]
+    if empty:
+        raise RuntimeError(f"gathering the sharded weights left {len(empty)} parameters unloaded (e.g. {empty[0]})")
     return plain.to(ranks.device)
 
 
