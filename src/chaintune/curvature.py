@@ -19,6 +19,7 @@ import torch
 from chaintune.distributed import Ranks
 from chaintune.errors import ChaintuneError
 from chaintune.evaluate import decoder_and_head
+from chaintune.runtime import release_freed_memory
 from chaintune.tasks import Example
 from chaintune.tasks.splits import stable_seed, subsample
 from chaintune.train import IGNORE, SFTExample, _collate, answer_loss_sum, tokenize_sft
@@ -367,6 +368,8 @@ def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_exampl
                     part.trace, part.trace_std_error = hutchinson_trace(op, op.dim, op.device, trace_samples, seed)
                 part.hvp_calls = op.calls
                 runs.append(part)
+                del op  # its kept graphs go before the next subset's are built, and the freed memory back to the OS
+                release_freed_memory()
     finally:
         model.train(was_training)
         if original_dtype != torch.float32:
