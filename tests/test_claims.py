@@ -79,3 +79,11 @@ def test_claims_table_on_a_pilot_directory():
     assert curv.p_value == pytest.approx(_fisher(pooled.pearson_r, int(pooled.first_stages))[2])
     assert set(claims.verdict) <= {"reproduces", "does not (opposite direction)", "does not (powered null)",
                                    "cannot tell at this power", "no test"}
+
+
+def test_one_seed_gives_no_verdict_on_biased_forgetting():
+    # seed 0 alone: the group p-values are the run's bootstrap over questions; no claim about the recipe
+    runs = [r for r in load_runs(RunDir(RUNDIR_V1)) if r.seed == 0 and not r.failed_stages]
+    claims = summary_tables(runs)["claims"]
+    bias = claims[claims.claim.str.startswith("biased")]
+    assert len(bias) and (bias.verdict == "no test (one seed: questions only)").all()

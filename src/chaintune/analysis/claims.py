@@ -12,7 +12,8 @@ Verdicts: **reproduces** — significant after correction, in the paper's direct
 direction)** — significant the other way; **does not (powered null)** — not significant although the design's MDE
 is at most the target effect (`power.Targets`: an effect that large would have been seen with ≥ 80 % power);
 **cannot tell at this power** — not significant and the MDE is above the target; **no test** — too few seeds or
-points. The MDE of BF_spread is that of `chaintune power` (the median group's BF_g at α/G, doubled).
+points (a one-seed chain's per-group p-values come from its bootstrap over questions: they describe that run, not
+the recipe, so they give no verdict). The MDE of BF_spread is that of `chaintune power` (the median group's BF_g at α/G, doubled).
 """
 from __future__ import annotations
 
@@ -97,10 +98,12 @@ def _bias_rows(runs: list[RunData], q: iv.Questions, targets: Targets,
             continue
         family = f"{part.correction.iloc[0]} over {len(adj)} groups"
         raw = float(part.loc[adj.idxmin(), "BF_g_p_value"])
-        rows.append(_row("biased forgetting across groups", f"{b.chain}: {b.task}", b.BF_spread, "BF_spread pp",
-                         b.BF_spread_ci_low, b.BF_spread_ci_high, b.ci_method, raw, float(adj.min()), family,
-                         mdes.get(f"{b.chain}: {b.task}", math.nan), targets.spread, 0, f"{len(part)} groups",
-                         targets))
+        row = _row("biased forgetting across groups", f"{b.chain}: {b.task}", b.BF_spread, "BF_spread pp",
+                   b.BF_spread_ci_low, b.BF_spread_ci_high, b.ci_method, raw, float(adj.min()), family,
+                   mdes.get(f"{b.chain}: {b.task}", math.nan), targets.spread, 0, f"{len(part)} groups", targets)
+        if b.seeds < 2:  # the one run's bootstrap over questions: a finding about that run, not about the recipe
+            row["verdict"] = "no test (one seed: questions only)"
+        rows.append(row)
     return rows
 
 
