@@ -239,3 +239,19 @@ def test_targeted_replay_follows_group_forgetting(tmp_path, tiny_model_dir, real
     outcome = chaintune.run(bad, echo=lambda *_: None, progress=False)
     (failure,) = outcome.failed.values()
     assert "no earlier stage trained on it" in failure["error"] and outcome.incomplete_runs == ["t-seed0"]
+
+
+def test_changed_curvature_settings_are_measured_again(tmp_path, mcq_experiment):
+    """A stored λ_max is reused only for the curvature settings that measured it (memory-only settings aside)."""
+    import chaintune
+
+    def run_with(curvature: dict) -> dict:
+        cfg = mcq_experiment(tmp_path / "out", chains=[{"name": "a", "stages": [{"task": "mcq_a"}]}],
+                             eval_tasks=["mcq_a"], curvature={"subsets": 1, "max_iter": 5, **curvature})
+        assert chaintune.run(cfg, progress=False, echo=lambda *_: None).completed_runs
+        return json.loads(next((tmp_path / "out" / "stages").glob("s1-*/curvature.json")).read_text())
+
+    first = run_with({"examples": 4, "micro_batch": 2})
+    assert first["n_examples"] == 4 and first["settings"]["examples"] == 4
+    assert run_with({"examples": 4, "micro_batch": 4, "graph_budget": 1e6}) == first  # memory only: kept
+    assert run_with({"examples": 6, "micro_batch": 2})["n_examples"] == 6  # another subset size: measured again

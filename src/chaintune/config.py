@@ -191,6 +191,12 @@ class CurvatureConfig(Strict):
     method: Literal["lanczos", "power"] = "lanczos"  # λ_max solver (Lanczos needs fewer HVPs)
     graph_budget: float = Field(0, ge=0, le=2**50, description="bytes of first-order graphs kept between HVPs (0: recompute)")
 
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine a stored λ_max (not micro_batch / graph_budget: memory only)."""
+        keys = {"examples", "subsets", "topk", "tol", "max_iter", "method", "trace"} | ({"trace_samples"} if self.trace
+                                                                                          else set())
+        return self.model_dump(include=keys)
+
     def wants(self, stage_index: int, stage: "Stage") -> bool:
         return ("all" in self.after or ("first" in self.after and stage_index == 1)
                 or stage.label in self.after or stage.task in self.after)

@@ -133,6 +133,7 @@ class CurvatureRecord(Record):
     task: str
     lambda_max: float  # mean over the disjoint example subsets (one subset in schema 1)
     unstable: bool = False  # the subsets' largest / smallest λ_max exceeded curvature.disagreement
+    settings: dict[str, Any] | None = None  # CurvatureConfig.identity() that measured it (None: older records)
 
 
 class RunRecord(Record):

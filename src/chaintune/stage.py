@@ -53,7 +53,14 @@ def job_done(out: RunDir, job: Job) -> bool:
         return False
     if not all([eval_done(out, name, spec) for spec in job.evals]):
         return False
-    return job.curvature is None or out.curvature_path(name).is_file()
+    return job.curvature is None or curvature_done(out, name, job.curvature)
+
+
+def curvature_done(out: RunDir, name: str, cc) -> bool:
+    """λ_max of node `name` is stored with the curvature settings `cc` asks for (a record without settings, from
+    before they were stored, is taken as it is); other settings: not done, so it is measured again."""
+    stored = out.curvature(name)
+    return stored is not None and (stored.get("settings") is None or stored["settings"] == cc.identity())
 
 
 def allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
@@ -325,7 +332,7 @@ class StageExecutor:
         from chaintune.curvature import measure_curvature, sign_note
 
         cc, node, cache = job.curvature, job.node, self.cache
-        if cc is None or self.out.curvature_path(node.dirname).is_file():
+        if cc is None or curvature_done(self.out, node.dirname, cc):
             return
         assert node.training is not None and node.seed is not None and node.stage is not None
         if node.training.method == "lora":
@@ -347,7 +354,8 @@ class StageExecutor:
         if not self.writes:
             return
         self.out.write_record(self.out.curvature_path(node.dirname),
-                              CurvatureRecord(stage=node.index, task=node.stage.task, **vars(result), unstable=unstable))
+                              CurvatureRecord(stage=node.index, task=node.stage.task, **vars(result), unstable=unstable,
+                                              settings=cc.identity()))
         interval = (f" [{result.lambda_max_ci_low:.4g}, {result.lambda_max_ci_high:.4g}] over {result.subsets} subsets"
                     if result.lambda_max_ci_low is not None else "")
         self.echo(f"  curvature {node.dirname}: λ_max {result.lambda_max:.4g}{interval} ({result.iterations} "
