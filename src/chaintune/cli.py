@@ -317,11 +317,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _design_cell(d) -> str:
+    """A `chaintune power` design: questions and CPU time to the target, first stages and their power, or power."""
+    from chaintune.formatting import format_number, format_seconds
+
+    if d.questions == d.questions and d.questions:  # NaN / None: no question count reaches the target
+        return f"×{d.question_factor:.2g} = {d.questions:.0f} q, {format_seconds(3600 * d.cpu_hours)}"
+    if d.points == d.points:
+        return f"{d.points:.0f} stages: power {format_number(d.power)}, {format_seconds(3600 * d.cpu_hours)}"
+    return f"— (power {format_number(d.power)})"
+
+
 def cmd_power(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from chaintune.analysis.power import Targets, plan_power
-    from chaintune.formatting import format_number, format_seconds
+    from chaintune.formatting import format_seconds
 
     targets = Targets(args.order, args.spread, args.recovery, args.correlation, args.alpha, args.power, args.seeds)
     plan = plan_power(args.run_dir, targets)
@@ -339,12 +350,7 @@ def cmd_power(args: argparse.Namespace) -> int:
         for (finding, subject), part in plan.designs.groupby(["finding", "subject"], sort=False):
             row = {"finding": finding, "subject": subject, "target": part.target.iloc[0]}
             for d in part.itertuples():
-                row[f"{d.seeds} seeds"] = (
-                    f"×{d.question_factor:.2g} = {d.questions:.0f} q, {format_seconds(3600 * d.cpu_hours)}"
-                    if d.questions == d.questions and d.questions else
-                    f"{d.points:.0f} stages: power {format_number(d.power)}, {format_seconds(3600 * d.cpu_hours)}"
-                    if d.points == d.points else
-                    f"— (power {format_number(d.power)})")
+                row[f"{d.seeds} seeds"] = _design_cell(d)
             rows.append(row)
         print_frame(pd.DataFrame(rows), f"Test questions (× the pilot's, all test sets of the finding) and CPU time "
                                         f"to detect each target with {100 * args.power:g}% power")

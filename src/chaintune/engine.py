@@ -8,6 +8,7 @@ import functools
 import shutil
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -110,7 +111,7 @@ def pending_jobs(plan: Plan, out: RunDir) -> set[JobId]:
 def _error_line(exc: BaseException) -> str:
     """One line naming the error; a worker process that died without a Python error (SIGKILL: most often the
     kernel's out-of-memory killer) says so and what lowers the memory."""
-    if type(exc).__name__ == "BrokenProcessPool":
+    if isinstance(exc, BrokenProcessPool):
         return ("a worker process died without an error (killed: most often out of memory, see `dmesg`); use fewer "
                 "--workers, or lower curvature.micro_batch / curvature.graph_budget / training.batch_size")
     text = str(exc).strip().splitlines()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -31,6 +32,16 @@ def passive_omp_wait() -> bool:
     return not late and os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE"
 
 
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    """The process's C library when it is glibc on Linux (it has `mallopt`, `malloc_trim`), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return libc if libc is not None and hasattr(libc, "gnu_get_libc_version") else None
+
+
 def keep_freed_memory() -> bool:
     """Keep memory that torch frees in the process for its next tensors instead of returning it to the OS (glibc
     only; returns whether it applied). Every training step allocates the same large activation and gradient
@@ -38,11 +49,8 @@ def keep_freed_memory() -> bool:
     writing them), and glibc returns any block above 32 MiB to the OS when it is freed. RSS then stays at its peak
     instead of falling between steps; the peak itself does not change. It does not change results.
     Set CHAINTUNE_KEEP_FREED_MEMORY=0 to leave glibc's defaults."""
-    if os.environ.get("CHAINTUNE_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+    libc = _glibc()
+    if os.environ.get("CHAINTUNE_KEEP_FREED_MEMORY", "1") == "0" or libc is None:
         return False
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
@@ -52,11 +60,8 @@ def release_freed_memory() -> bool:
     `keep_freed_memory` RSS stays at its high-water mark, and a long-lived worker that runs training, evaluation and
     curvature jobs one after another grows to the sum of their fragmented peaks (13.6 GiB for one of two workers
     of configs/reproduce_cpu.yaml, whose jobs each peak below 5 GiB); every executor calls this after each job."""
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    return bool(libc is not None and hasattr(libc, "malloc_trim") and libc.malloc_trim(0))
+    libc = _glibc()
+    return bool(libc is not None and libc.malloc_trim(0))
 
 
 def prepare_process() -> None:

@@ -8,6 +8,8 @@ p-value, the design's minimal detectable effect (MDE, two-sided, 80 % power) and
 | curvature | Pearson r of λ_max vs F over distinct first stages | > 0 | Fisher z on the distinct first stages | first-stage tasks (pooled row: one test) |
 | replay | recovery at fraction f (1 = all forgetting undone) | > 0 | crossed seed × question t | the fractions of one (task, replay task) |
 
+Each family is corrected with the experiment's `multiple_comparisons` (Holm unless set to bh), as the group tables are.
+
 Verdicts: **reproduces** — significant after correction, in the paper's direction; **does not (opposite
 direction)** — significant the other way; **does not (powered null)** — not significant although the design's MDE
 is at most the target effect (`power.Targets`: an effect that large would have been seen with ≥ 80 % power);
@@ -47,11 +49,9 @@ def verdict(adj_p: float, effect: float, mde: float, target: float, direction: i
     return "does not (powered null)" if math.isfinite(mde) and mde <= target else "cannot tell at this power"
 
 
-def _holm(values: list[float]) -> list[float]:
-    """Holm-adjusted p-values (one value: itself); NaN stays NaN and is not counted."""
-    finite = [v for v in values if math.isfinite(v)]
-    adjusted = iter(st.holm(finite)) if finite else iter(())
-    return [float(next(adjusted)) if math.isfinite(v) else math.nan for v in values]
+def _adjust(values: list[float], correction: str) -> list[float]:
+    """The family's adjusted p-values (`stats.adjust_p_values`: NaN stays NaN and is not counted)."""
+    return st.adjust_p_values(values, correction).tolist()
 
 
 def _mde(interval: st.CrossedInterval, level: float, targets: Targets, scale: float = 1.0) -> float:
@@ -66,14 +66,15 @@ def _row(claim: str, subject: str, effect: float, unit: str, low: float, high: f
             "target": target, "verdict": verdict(adj_p, effect, mde, target, direction, targets.alpha), "n": n}
 
 
-def _order_rows(runs: list[RunData], q: iv.Questions, targets: Targets) -> list[dict[str, Any]]:
+def _order_rows(runs: list[RunData], q: iv.Questions, targets: Targets, correction: str) -> list[dict[str, Any]]:
     found = order_findings(runs, q, targets)
     pooled = [f for f in found if f.subject.startswith("pooled")]
     pairs = [f for f in found if not f.subject.startswith("pooled")]
-    adjusted = _holm([f.interval.p_value for f in pairs])
+    adjusted = _adjust([f.interval.p_value for f in pairs], correction)
     rows = []
     for f, adj in zip(pooled + pairs, [f.interval.p_value for f in pooled] + adjusted):
-        family = "none (one test)" if f in pooled or len(pairs) == 1 else f"Holm over {len(pairs)} task pairs"
+        family = ("none (one test)" if f in pooled or len(pairs) == 1
+                  else f"{st.correction_name(correction)} over {len(pairs)} task pairs")
         ci = f.interval
         rows.append(_row("order: safety forgotten more when it comes first", f.subject, f.estimate, "RF points",
                          ci.ci_low, ci.ci_high, iv.CROSSED, ci.p_value, adj, family, _mde(ci, f.level, targets),
@@ -116,7 +117,7 @@ def _fisher(r: float, n: int, confidence: float = 0.95) -> tuple[float, float, f
     return math.tanh(z - half), math.tanh(z + half), float(2 * sps.norm.sf(abs(z) / se))
 
 
-def _curvature_rows(targets: Targets, tables: dict[str, pd.DataFrame]) -> list[dict[str, Any]]:
+def _curvature_rows(targets: Targets, tables: dict[str, pd.DataFrame], correction: str) -> list[dict[str, Any]]:
     corr = tables.get("curvature_vs_forgetting")
     if corr is None or corr.empty:
         return []
@@ -124,11 +125,12 @@ def _curvature_rows(targets: Targets, tables: dict[str, pd.DataFrame]) -> list[d
     pooled, per_task = part[part.task == OVERALL], part[part.task != OVERALL]
     tests = [(r, *_fisher(r.pearson_r, int(r.first_stages))) for r in pooled.itertuples()]
     task_tests = [(r, *_fisher(r.pearson_r, int(r.first_stages))) for r in per_task.itertuples()]
-    adjusted = [t[3] for t in tests] + _holm([t[3] for t in task_tests])
+    adjusted = [t[3] for t in tests] + _adjust([t[3] for t in task_tests], correction)
     tested = sum(math.isfinite(t[3]) for t in task_tests)
     rows = []
     for (r, low, high, p), adj in zip(tests + task_tests, adjusted):
-        family = "none (one test)" if r.task == OVERALL or tested < 2 else f"Holm over {tested} first-stage tasks"
+        family = ("none (one test)" if r.task == OVERALL or tested < 2
+                  else f"{st.correction_name(correction)} over {tested} first-stage tasks")
         subject = "all first-stage tasks" if r.task == OVERALL else f"first stage {r.task}"
         rows.append(_row("curvature: sharper first stage, more forgetting", subject, r.pearson_r, "Pearson r", low,
                          high, "Fisher z over distinct first stages", p, adj, family,
@@ -137,14 +139,14 @@ def _curvature_rows(targets: Targets, tables: dict[str, pd.DataFrame]) -> list[d
     return rows
 
 
-def _replay_rows(runs: list[RunData], q: iv.Questions, targets: Targets) -> list[dict[str, Any]]:
+def _replay_rows(runs: list[RunData], q: iv.Questions, targets: Targets, correction: str) -> list[dict[str, Any]]:
     families: dict[str, list] = {}
     for f in recovery_findings(runs, q, targets):  # subject "<replay task> into <task>, f = <fraction> %"
         families.setdefault(f.subject.split(",")[0], []).append(f)
     rows = []
     for fs in families.values():
-        adjusted = _holm([f.interval.p_value for f in fs])
-        family = "none (one test)" if len(fs) == 1 else f"Holm over {len(fs)} fractions"
+        adjusted = _adjust([f.interval.p_value for f in fs], correction)
+        family = "none (one test)" if len(fs) == 1 else f"{st.correction_name(correction)} over {len(fs)} fractions"
         for f, adj in zip(fs, adjusted):
             ci = f.interval
             rows.append(_row("replay recovers what was forgotten", f.subject, f.estimate, "recovery fraction",
@@ -153,10 +155,12 @@ def _replay_rows(runs: list[RunData], q: iv.Questions, targets: Targets) -> list
     return rows
 
 
-def claims_table(runs: list[RunData], tables: dict[str, pd.DataFrame], targets: Targets = Targets()) -> pd.DataFrame:
+def claims_table(runs: list[RunData], tables: dict[str, pd.DataFrame], correction: str = "holm",
+                 targets: Targets = Targets()) -> pd.DataFrame:
     """One row per tested statement of the four claims (module docstring). `runs`: the runs the tables were made
-    from (failed-gate runs already left out); `tables`: their `summary_tables`."""
+    from (failed-gate runs already left out); `tables`: their `summary_tables`; `correction`: holm | bh, as for the
+    tables' group families."""
     q = iv.Questions()
-    rows = (_order_rows(runs, q, targets) + _bias_rows(runs, q, targets, tables) + _curvature_rows(targets, tables)
-            + _replay_rows(runs, q, targets))
+    rows = (_order_rows(runs, q, targets, correction) + _bias_rows(runs, q, targets, tables)
+            + _curvature_rows(targets, tables, correction) + _replay_rows(runs, q, targets, correction))
     return pd.DataFrame(rows, columns=COLUMNS)

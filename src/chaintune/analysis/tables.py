@@ -117,7 +117,7 @@ def summary_tables(runs: list[RunData] | str | Path, correction: str | None = No
         amb = _ci(bbq, ["chain", "task", "stage", "category"], "s_amb").drop(columns=["seeds"])
         tables["bbq_bias"] = _t_only(dis.merge(amb, on=["chain", "task", "stage", "category"]))
     from chaintune.analysis.claims import claims_table  # it builds on the tables above (and power's findings)
-    claims = claims_table(runs, tables)
+    claims = claims_table(runs, tables, correction)
     if not claims.empty:
         tables["claims"] = claims
     return tables
