@@ -120,7 +120,9 @@ def run_case(case: str, seq: int, batch: int, checkpointing: bool = False) -> di
     cfg = TrainingConfig(method=method, lr=1e-5, batch_size=batch, max_steps=2, max_length=seq,
                          gradient_checkpointing=checkpointing)
     if case.endswith("hvp"):
-        measured, estimated = measure_hvp(model, tokenizer, cfg, CurvatureConfig(micro_batch=max(1, batch // 2)))
+        # one subset: the 2-iteration Lanczos below keeps no basis (with ≥ 2 subsets the estimate adds max_iter vectors)
+        measured, estimated = measure_hvp(model, tokenizer, cfg, CurvatureConfig(micro_batch=max(1, batch // 2),
+                                                                                 subsets=1))
     else:
         measured, estimated = measure_training(model, tokenizer, cfg)
     return {"case": case, "seq": seq, "batch": batch, "checkpointing": checkpointing, "measured": measured,

@@ -8,6 +8,7 @@ and down_proj trainable (344 parameters), so H (344×344) is built column by col
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 from dataclasses import asdict, dataclass
 
@@ -132,8 +133,8 @@ def test_power_iteration_matches_eigvalsh(exact: Exact):
     ev = exact.eigenvalues
     dominant = ev[ev.abs().argmax()].item()
     with eager_attention(exact.model):
-        lam, iterations, converged = power_iteration(exact.op, exact.op.dim, exact.op.device, seed=0, tol=1e-9,
-                                                     max_iter=2000)
+        lam, _, iterations, converged, _ = power_iteration(exact.op, exact.op.dim, exact.op.device, seed=0,
+                                                           tol=1e-9, max_iter=2000)
     assert converged and iterations > 1
     assert _rel(lam, dominant) < 1e-4
 
@@ -141,7 +142,7 @@ def test_power_iteration_matches_eigvalsh(exact: Exact):
 def test_lanczos_top_k_matches_eigvalsh(exact: Exact):
     top = exact.eigenvalues.flip(0)[:3].tolist()
     with eager_attention(exact.model):
-        lam, found, iterations, converged = lanczos(exact.op, exact.op.dim, exact.op.device, k=3, seed=0, tol=1e-6)
+        lam, found, iterations, converged, _ = lanczos(exact.op, exact.op.dim, exact.op.device, k=3, seed=0, tol=1e-6)
     assert converged and iterations < exact.op.dim // 4
     assert len(found) == 3 and found == sorted(found, reverse=True)
     for got, want in zip(found, top):
@@ -154,9 +155,10 @@ def test_early_stopped_lanczos_matches_eigvalsh_top_eigenvalue(exact: Exact, sta
     """k = 1: three-term recurrence, stopped by the change + residual rule long before the Krylov space is full."""
     with eager_attention(exact.model):
         v0 = exact.op.start_vector(seed=0) if start != "random" else None
-        lam, top, iterations, converged = lanczos(exact.op, exact.op.dim, exact.op.device, seed=0, tol=1e-6, start=v0)
-        _, power_iterations, _ = power_iteration(exact.op, exact.op.dim, exact.op.device, seed=0, tol=1e-6,
-                                                 max_iter=2000, start=v0)
+        lam, top, iterations, converged, _ = lanczos(exact.op, exact.op.dim, exact.op.device, seed=0, tol=1e-6,
+                                                     start=v0)
+        power_iterations = power_iteration(exact.op, exact.op.dim, exact.op.device, seed=0, tol=1e-6, max_iter=2000,
+                                           start=v0).iterations
     assert converged and iterations < min(exact.op.dim // 10, power_iterations)
     assert _rel(lam, _dominant(exact)) < 1e-4 and _rel(top[0], exact.eigenvalues[-1].item()) < 1e-4
 
@@ -173,7 +175,7 @@ def test_lanczos_keeps_the_basis_only_for_top_k(exact: Exact):
             most = max(most, sum(r() is not None for r in refs))
             return exact.hessian @ v
 
-        _, _, iterations, _ = lanczos(hvp, exact.op.dim, exact.op.device, k=k, seed=0, tol=1e-6)
+        iterations = lanczos(hvp, exact.op.dim, exact.op.device, k=k, seed=0, tol=1e-6).iterations
         return most, iterations
 
     assert run(1)[0] == 2
@@ -308,3 +310,56 @@ def test_measure_curvature_is_deterministic_for_a_fixed_seed():
     assert first == run(0)
     assert first["n_examples"] == 10 and first["converged"]
     assert first != run(1)
+
+
+def _matrix_hvp(eigenvalues: list[float], dim: int = 30, seed: int = 0):
+    """v ↦ Q diag(λ) Qᵀ v for a seeded random rotation Q: a Hessian with a known spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
+    values = torch.tensor(eigenvalues + [0.01 * i for i in range(dim - len(eigenvalues))])
+    matrix = q @ torch.diag(values) @ q.T
+    return (lambda v: matrix @ v), matrix
+
+
+def test_lanczos_picks_the_largest_magnitude_or_the_algebraically_largest_eigenvalue():
+    hvp, matrix = _matrix_hvp([-5.0, 3.0, 1.0])
+    magnitude = lanczos(hvp, 30, torch.device("cpu"), seed=0, tol=1e-8, max_iter=30)
+    largest = lanczos(hvp, 30, torch.device("cpu"), seed=0, tol=1e-8, max_iter=30, which="largest")
+    assert magnitude.value == pytest.approx(-5.0, rel=1e-5) and largest.value == pytest.approx(3.0, rel=1e-5)
+    with pytest.raises(ValueError, match="which"):
+        lanczos(hvp, 30, torch.device("cpu"), which="smallest")
+
+
+@pytest.mark.parametrize("budget", [math.inf, 0.0])
+def test_lanczos_ritz_vector_from_the_basis_or_by_replay_is_the_eigenvector(budget: float):
+    """basis_budget 0: no basis is kept and the recurrence is replayed (iterations − 1 more HVPs)."""
+    hvp, matrix = _matrix_hvp([4.0, 2.0, -1.0])
+    calls = []
+    found = lanczos(lambda v: calls.append(1) or hvp(v), 30, torch.device("cpu"), seed=0, tol=1e-8, max_iter=30,
+                    vector=True, basis_budget=budget)
+    top = torch.linalg.eigh(matrix).eigenvectors[:, -1]
+    assert found.value == pytest.approx(4.0, rel=1e-5) and found.vector.norm().item() == pytest.approx(1, abs=1e-6)
+    assert abs(float(top @ found.vector)) > 1 - 1e-5
+    assert len(calls) == found.iterations + (0 if budget else found.iterations - 1)
+    power = power_iteration(hvp, 30, torch.device("cpu"), seed=0, tol=1e-10, max_iter=500)
+    assert abs(float(top @ power.vector)) > 1 - 1e-4 and power.value == pytest.approx(4.0, rel=1e-5)
+
+
+def test_quadratic_forms_are_each_parts_rayleigh_quotient(exact: Exact):
+    """Parts: the micro-batches stay within a part; each quotient is vᵀH_k v / vᵀv with H_k the Hessian of the
+    part's own mean loss, and the token-weighted mean of the quotients is vᵀHv / vᵀv."""
+    examples, parts = _examples(12), [i % 3 for i in range(12)]
+    v = torch.randn(exact.op.dim, generator=torch.Generator().manual_seed(5))
+    with eager_attention(exact.model):
+        op = HessianOperator(exact.model, exact.tokenizer, examples, micro_batch=2, parts=parts, graph_budget=1e9)
+        hv, quotients = op(v), op.quadratic_forms(v)  # the second call uses the kept graphs
+        alone = []
+        for k in range(3):
+            part = HessianOperator(exact.model, exact.tokenizer, [e for e, p in zip(examples, parts) if p == k])
+            alone.append(float(v @ part(v)) / float(v @ v))
+            assert part.n_tokens == op.part_tokens[k]
+    assert {op.batch_part[i] for i in range(len(op.batches))} == {0, 1, 2} and len(op.batches) == 6
+    assert torch.allclose(hv, exact.hessian @ v, atol=1e-5 * hv.norm().item())
+    assert quotients == pytest.approx(alone, rel=1e-4)
+    weighted = sum(q * t for q, t in zip(quotients, op.part_tokens)) / op.n_tokens
+    assert weighted == pytest.approx(float(v @ hv) / float(v @ v), rel=1e-4)

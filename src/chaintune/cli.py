@@ -239,19 +239,21 @@ def cmd_curvature(args: argparse.Namespace) -> int:
     model, tokenizer = _load_for_cli(args, trainable_adapter=True)
     if not args.adapter:
         model.requires_grad_(True)
-    result = measure_curvature(model, tokenizer, examples, n_examples=args.examples, seed=args.seed, topk=args.topk,
-                               trace=args.trace, micro_batch=args.micro_batch, method=args.method,
-                               graph_budget=args.graph_budget_mib * 2**20)
+    result = measure_curvature(model, tokenizer, examples, n_examples=args.examples, subsets=args.subsets,
+                               seed=args.seed, topk=args.topk, trace=args.trace, micro_batch=args.micro_batch,
+                               method=args.method, eigenvalue=args.eigenvalue, graph_budget=args.graph_budget_mib * 2**20)
     row = {"task": task, "examples": result.n_examples, "parameters": result.n_parameters, "loss": result.loss,
            "lambda_max": result.lambda_max, "iterations": result.iterations, "converged": result.converged,
            "seconds": result.seconds}
+    if result.lambda_max_ci_low is not None:
+        row["95% interval"] = f"[{result.lambda_max_ci_low:.4g}, {result.lambda_max_ci_high:.4g}] ({result.subsets} subsets)"
     if result.topk:
         row["top_k"] = ", ".join(f"{v:.4g}" for v in result.topk)
     if result.trace is not None:
         row["trace"] = f"{result.trace:.4g} ± {result.trace_std_error:.2g}"
     print_frame(pd.DataFrame([row]), "Hessian curvature of the mean answer-token loss")
-    if sign_note(result.lambda_max):
-        _console().print(sign_note(result.lambda_max).strip(" ()"))
+    if sign_note(result.lambda_max, result.eigenvalue):
+        _console().print(sign_note(result.lambda_max, result.eigenvalue).strip(" ()"))
     if out is not None:
         record = vars(result) | {"task": task, "model": args.model, "adapter": args.adapter}
         save_results({out: lambda p: write_json(p, record)})
@@ -434,14 +436,18 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--split", default="train", choices=["train", "validation", "test"], help="data for the loss")
     p.add_argument("--examples", type=like_field("config:CurvatureConfig.examples"), default=512,
-                   help="seeded subset size (SPEC default 512)")
-    p.add_argument("--seed", type=seed, default=0, help="seed of the subset and the start vector")
+                   help="examples per subset (SPEC default 512)")
+    p.add_argument("--subsets", type=like_field("config:CurvatureConfig.subsets"), default=1,
+                   help="disjoint subsets pooled for λ_max; ≥ 2 give its interval")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the subsets and the start vector")
     p.add_argument("--topk", type=like_field("config:CurvatureConfig.topk"), default=1,
                    help="also the top-k eigenvalues by Lanczos when > 1")
     p.add_argument("--trace", action="store_true", help="also a Hutchinson trace estimate")
     p.add_argument("--micro-batch", type=like_field("config:CurvatureConfig.micro_batch"), default=8,
                    help="examples per HVP micro-batch (memory)")
     p.add_argument("--method", default="lanczos", choices=["lanczos", "power"], help="λ_max solver")
+    p.add_argument("--eigenvalue", default="magnitude", choices=["magnitude", "largest"],
+                   help="λ_max: largest magnitude (SPEC) or algebraically largest (Lanczos)")
     p.add_argument("--graph-budget-mib", type=number(float, ge=0, le=2**30), default=0.0,
                    help="MiB of first-order graphs kept between HVPs (0: recompute them, least memory)")
     p.add_argument("--output", help="write the result as JSON")

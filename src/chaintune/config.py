@@ -174,14 +174,19 @@ class QualityGateConfig(Strict):
         return ident
 
 
+CURVATURE_ESTIMATOR = "pooled"  # λ_max of the subsets' pooled Hessian, interval from their quotients (stored with
+# each λ_max: records measured by the earlier subset-mean estimator are measured again)
+
+
 class CurvatureConfig(Strict):
     """Hessian curvature of the training loss after selected stages (SPEC.md §6)."""
 
     after: list[str] = ["first"]  # stage names/labels (e.g. "toxigenqa"), "first" (stage 1) or "all"
     examples: int = Field(512, ge=1, le=10**6, description="examples per subset, from the stage's training data")
-    subsets: int = Field(4, ge=1, le=64, description="disjoint example subsets, λ_max on each (interval over them)")
+    subsets: int = Field(4, ge=1, le=64, description="disjoint example subsets, pooled for λ_max; their Rayleigh "
+                                                     "quotients give its interval")
     disagreement: float = Field(2.0, gt=1, le=1e6,
-                                description="warn when the subsets' largest / smallest λ_max exceeds this")
+                                description="warn when λ_max's interval's far / near end exceed this ratio (or span 0)")
     topk: int = Field(1, ge=1, le=100, description="eigenvalues by Lanczos when > 1")
     trace: bool = False
     trace_samples: int = Field(50, ge=2, le=10**5)
@@ -189,13 +194,25 @@ class CurvatureConfig(Strict):
     tol: float = Field(1e-3, gt=0, le=1)
     max_iter: int = Field(100, ge=1, le=10**4)
     method: Literal["lanczos", "power"] = "lanczos"  # λ_max solver (Lanczos needs fewer HVPs)
+    eigenvalue: Literal["magnitude", "largest"] = "magnitude"  # λ_max: largest magnitude (SPEC §6) or algebraically
+    # largest (the top of the spectrum: positive near a saddle; Lanczos only)
     graph_budget: float = Field(0, ge=0, le=2**50, description="bytes of first-order graphs kept between HVPs (0: recompute)")
+    basis_budget: float = Field(2**30, ge=0, le=2**50,
+                                description="bytes of Lanczos basis kept for λ_max's vector (subsets ≥ 2); when "
+                                            "max_iter vectors do not fit, the recurrence is replayed (more HVPs)")
 
     def identity(self) -> dict[str, Any]:
-        """The settings that determine a stored λ_max (not micro_batch / graph_budget: memory only)."""
-        keys = {"examples", "subsets", "topk", "tol", "max_iter", "method", "trace"} | ({"trace_samples"} if self.trace
-                                                                                          else set())
-        return self.model_dump(include=keys)
+        """The settings that determine a stored λ_max (not micro_batch / graph_budget / basis_budget: memory only)."""
+        keys = {"examples", "subsets", "topk", "tol", "max_iter", "method", "eigenvalue", "trace"} | (
+            {"trace_samples"} if self.trace else set())
+        return self.model_dump(include=keys) | {"estimator": CURVATURE_ESTIMATOR}
+
+    @model_validator(mode="after")
+    def _check(self) -> "CurvatureConfig":
+        if self.method == "power" and self.eigenvalue != "magnitude":
+            raise ValueError("curvature.eigenvalue: largest needs method: lanczos (power iteration finds the "
+                             "largest-magnitude eigenvalue)")
+        return self
 
     def wants(self, stage_index: int, stage: "Stage") -> bool:
         return ("all" in self.after or ("first" in self.after and stage_index == 1)

@@ -11,7 +11,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -27,10 +27,15 @@ from chaintune.train import IGNORE, SFTExample, _collate, answer_loss_sum, token
 METHODS = ("lanczos", "power")
 
 
-def sign_note(lambda_max: float) -> str:
+def sign_note(lambda_max: float, eigenvalue: str = "magnitude") -> str:
     """What a negative λ_max means, for the lines that print one ("" when it is not negative)."""
-    return ("" if not lambda_max < 0 else " (λ_max is the eigenvalue of largest magnitude: negative means the "
-            "strongest curvature is downward, i.e. the stage ended near a saddle, not in a sharp minimum)")
+    if not lambda_max < 0:
+        return ""
+    if eigenvalue == "largest":
+        return " (λ_max is the algebraically largest eigenvalue: negative means the loss curves downward in every direction)"
+    return (" (λ_max is the eigenvalue of largest magnitude: negative means the strongest curvature is downward, i.e. "
+            "the stage ended near a saddle, not in a sharp minimum; curvature.eigenvalue: largest gives the top of the "
+            "spectrum instead)")
 
 
 def _base(model):
@@ -60,6 +65,9 @@ def _require_eager(model) -> None:
 class HessianOperator:
     """v ↦ H v for the mean answer-token cross-entropy over a fixed set of examples (trainable parameters only).
 
+    `parts` (one index per example, default all 0) splits the examples into disjoint parts: micro-batches are formed
+    within each part (sorted by length), and `quadratic_forms` gives each part's own Rayleigh quotient.
+
     Per micro-batch, a call runs the forward pass, the gradient with create_graph=True and a second backward. With
     `graph_budget` > 0 (bytes), the first call keeps the first-order graphs of the micro-batches that fit in it
     (counted as the tensors autograd saves, plus one gradient-sized sum) and later calls run only their second
@@ -70,25 +78,34 @@ class HessianOperator:
     """
 
     def __init__(self, model, tokenizer, examples: Sequence[Example], micro_batch: int = 8, max_length: int = 512,
-                 graph_budget: float = 0, ranks: Ranks | None = None):
+                 graph_budget: float = 0, ranks: Ranks | None = None, parts: Sequence[int] | None = None):
         self.model, self.ranks = model, ranks
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.device = self.params[0].device
         data: list[SFTExample] = tokenize_sft(tokenizer, examples, max_length, "curvature")
-        self.n_tokens = sum(sum(t != IGNORE for t in e.labels) for e in data)
-        order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
+        part_of = [0] * len(data) if parts is None else list(parts)
+        if len(part_of) != len(data):
+            raise ValueError(f"parts has {len(part_of)} entries for {len(data)} examples")
+        self.n_parts = max(part_of) + 1
+        tokens = [sum(t != IGNORE for t in e.labels) for e in data]
+        self.part_tokens = [sum(t for t, k in zip(tokens, part_of) if k == part) for part in range(self.n_parts)]
+        self.n_tokens = sum(tokens)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.batches = [_collate([data[i] for i in order[s:s + micro_batch]], pad, self.device)
-                        for s in range(0, len(order), micro_batch)]
+        self.batches, self.batch_part = [], []  # micro-batches (within a part, by length) and the part of each
+        for part in range(self.n_parts):
+            order = sorted((i for i in range(len(data)) if part_of[i] == part), key=lambda i: len(data[i].input_ids))
+            for s in range(0, len(order), micro_batch):
+                self.batches.append(_collate([data[i] for i in order[s:s + micro_batch]], pad, self.device))
+                self.batch_part.append(part)
         self.sizes = [p.numel() for p in self.params]
         self.dim = sum(self.sizes)
         self.graph_budget = graph_budget
         self.graph_bytes = 0  # estimated bytes held by the kept graphs
         self.kept: list[int] = []  # micro-batches whose first-order graph is kept
         self.calls = 0
-        self._kept_grads: tuple[torch.Tensor, ...] | None = None  # Σ of the kept micro-batches' gradients, with graph
+        self._kept_grads: dict[int, tuple[torch.Tensor, ...]] = {}  # part → Σ of its kept gradients, with graph
         self._versions: list[int] = []  # parameter versions when the graphs were kept (the byte count skips autograd's)
         self._loss: float | None = None
 
@@ -140,6 +157,22 @@ class HessianOperator:
 
     def __call__(self, vector: torch.Tensor) -> torch.Tensor:
         """H·vector for a flat fp32 vector of length `dim` (a new tensor)."""
+        out = self._apply(vector, range(self.n_parts), may_keep=self.calls == 0 and self.graph_budget > 0)
+        if self.calls == 0:
+            self._versions = [p._version for p in self.model.parameters()]
+        self.calls += 1
+        return out
+
+    def quadratic_forms(self, vector: torch.Tensor) -> list[float]:
+        """Each part's Rayleigh quotient vᵀH_k v / vᵀv, H_k the Hessian of the part's own mean loss (one pass over
+        the micro-batches). Their token-weighted mean is vᵀHv / vᵀv."""
+        squared_norm = float(torch.dot(vector, vector))
+        return [float(torch.dot(vector, self._apply(vector, [part]))) * self.n_tokens / (tokens * squared_norm)
+                for part, tokens in enumerate(self.part_tokens)]
+
+    def _apply(self, vector: torch.Tensor, parts: Sequence[int], may_keep: bool = False) -> torch.Tensor:
+        """Σ over the micro-batches of `parts` of their share of H·vector (divided by all parts' token count);
+        `may_keep`: keep first-order graphs within the budget (the first call)."""
         _require_eager(self.model)
         if self.kept and self._versions != [p._version for p in self.model.parameters()]:
             raise ChaintuneError("the model's parameters changed after the HessianOperator kept their graphs",
@@ -147,27 +180,24 @@ class HessianOperator:
         vs = [c.view_as(p).to(p.dtype) for c, p in zip(torch.split(vector, self.sizes), self.params)]
         out = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
         outs = [o.view_as(p) for o, p in zip(torch.split(out, self.sizes), self.params)]
-        may_keep = self.calls == 0 and self.graph_budget > 0
         for i in self._mine():
-            if i in self.kept:
+            if i in self.kept or self.batch_part[i] not in parts:
                 continue
-            batch = self.batches[i]
+            batch, part = self.batches[i], self.batch_part[i]
             grads, saved = self._gradient_graph(batch, count=may_keep)
-            cost = saved + (0 if self.kept else sum(g.numel() * g.element_size() for g in grads))
+            cost = saved + (0 if part in self._kept_grads else sum(g.numel() * g.element_size() for g in grads))
             if may_keep and self.graph_bytes + cost <= self.graph_budget:
                 self.kept.append(i)
                 self.graph_bytes += cost
-                self._kept_grads = grads if self._kept_grads is None else tuple(
-                    a + b for a, b in zip(self._kept_grads, grads))
+                kept = self._kept_grads.get(part)
+                self._kept_grads[part] = grads if kept is None else tuple(a + b for a, b in zip(kept, grads))
             else:
                 self._second_backward(grads, vs, outs, retain=False)
-        if self._kept_grads is not None:
-            self._second_backward(self._kept_grads, vs, outs, retain=True)
+        for part in parts:
+            if part in self._kept_grads:
+                self._second_backward(self._kept_grads[part], vs, outs, retain=True)
         if self.ranks is not None:
             self.ranks.sum_(out)
-        if self.calls == 0:
-            self._versions = [p._version for p in self.model.parameters()]
-        self.calls += 1
         return out
 
     def _gradient_graph(self, batch, count: bool) -> tuple[tuple[torch.Tensor, ...], int]:
@@ -213,11 +243,13 @@ class Curvature:
     seconds: float = 0.0
     hvp_calls: int = 0
     method: str = "lanczos"
+    eigenvalue: str = "magnitude"  # which end of the spectrum λ_max is: largest magnitude or algebraically largest
     subsets: int = 1
-    lambda_max_subsets: list[float] = field(default_factory=list)  # one λ_max per disjoint example subset
-    lambda_max_ci_low: float | None = None  # t-interval of the mean over subsets (≥ 2 subsets)
+    lambda_max_subsets: list[float] = field(default_factory=list)  # each subset's Rayleigh quotient along the pooled
+    # eigenvector (≥ 2 subsets): its estimate of λ_max to first order
+    lambda_max_ci_low: float | None = None  # delta-method t-interval from the quotients (`quotient_interval`)
     lambda_max_ci_high: float | None = None
-    disagreement: float | None = None  # largest / smallest |λ_max| over the subsets
+    disagreement: float | None = None  # the interval's far / near end (≥ 1; None without an interval or across 0)
 
 
 def _random_unit(dim: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -230,10 +262,21 @@ def _start(start: torch.Tensor | None, dim: int, seed: int, salt: str, device: t
     return _random_unit(dim, stable_seed(salt, seed), device) if start is None else start / start.norm()
 
 
+class Eigen(NamedTuple):
+    """An eigen-solver's answer: the selected eigenvalue, the top-k (descending; Lanczos with k > 1), the iterations
+    (one HVP each), convergence, and the unit eigenvector estimate when asked for (else None)."""
+
+    value: float
+    topk: list[float]
+    iterations: int
+    converged: bool
+    vector: torch.Tensor | None = None
+
+
 def power_iteration(hvp, dim: int, device: torch.device, seed: int = 0, tol: float = 1e-3, max_iter: int = 100,
-                    start: torch.Tensor | None = None) -> tuple[float, int, bool]:
-    """Largest-magnitude eigenvalue; stops when |λ_k − λ_{k−1}| / |λ_k| < tol. Returns (λ, iterations, converged).
-    Starts from `start` or else a seeded random unit vector."""
+                    start: torch.Tensor | None = None) -> Eigen:
+    """Largest-magnitude eigenvalue and its vector; stops when |λ_k − λ_{k−1}| / |λ_k| < tol. Starts from `start` or
+    else a seeded random unit vector."""
     v = _start(start, dim, seed, "power", device)
     eigenvalue = None
     for it in range(1, max_iter + 1):
@@ -241,28 +284,40 @@ def power_iteration(hvp, dim: int, device: torch.device, seed: int = 0, tol: flo
         new = float(torch.dot(v, hv))
         norm = hv.norm()
         if norm == 0:
-            return 0.0, it, True
-        v = hv / norm
+            return Eigen(0.0, [0.0], it, True, v)
+        previous, v = v, hv / norm
         if eigenvalue is not None and abs(new - eigenvalue) / max(abs(new), 1e-12) < tol:
-            return new, it, True
+            return Eigen(new, [new], it, True, previous)
         eigenvalue = new
-    return float(eigenvalue), max_iter, False
+    return Eigen(float(eigenvalue), [float(eigenvalue)], max_iter, False, previous)
+
+
+WHICH = ("magnitude", "largest")
 
 
 def lanczos(hvp, dim: int, device: torch.device, k: int = 1, seed: int = 0, tol: float = 1e-3, max_iter: int = 100,
-            start: torch.Tensor | None = None) -> tuple[float, list[float], int, bool]:
-    """(λ_max, top-k eigenvalues descending, iterations, converged) by Lanczos, one HVP per iteration.
+            start: torch.Tensor | None = None, which: str = "magnitude", vector: bool = False,
+            basis_budget: float = math.inf) -> Eigen:
+    """λ_max, the top-k eigenvalues (descending) and, with `vector`, λ_max's Ritz vector, by Lanczos (one HVP per
+    iteration).
 
-    λ_max is the Ritz value of largest magnitude (what power iteration finds). Stops after `max_iter` iterations,
-    when the Krylov space is invariant, or when it and each of the k largest Ritz values θ change by < `tol`·|θ|
-    between two iterations (SPEC §6's rule) with residuals ρ = ‖Hy − θy‖ ≤ √(tol/10)·|θ|: a guard against plateaus
-    (by Kato–Temple the error is ≤ ρ²/gap, so ≤ tol·|θ| when the gap to the next eigenvalue is ≥ 10% of |θ|).
-    k = 1 runs the plain three-term recurrence: three `dim`-vectors in memory whatever the iteration count. k > 1
-    keeps the basis for full re-orthogonalisation: iterations × dim floats. Starts from `start`, else from a seeded
-    random unit vector.
+    λ_max is the Ritz value of largest magnitude (`which="magnitude"`: what power iteration finds) or the
+    algebraically largest (`"largest"`: the top of the spectrum, which stays positive near a saddle). Stops after
+    `max_iter` iterations, when the Krylov space is invariant, or when it and each of the k largest Ritz values θ
+    change by < `tol`·|θ| between two iterations (SPEC §6's rule) with residuals ρ = ‖Hy − θy‖ ≤ √(tol/10)·|θ|: a
+    guard against plateaus (by Kato–Temple the error is ≤ ρ²/gap, so ≤ tol·|θ| when the gap to the next eigenvalue is
+    ≥ 10% of |θ|). k = 1 without `vector` runs the plain three-term recurrence: three `dim`-vectors in memory whatever
+    the iteration count. k > 1 keeps the basis, fully re-orthogonalised: iterations × dim floats; so does `vector`
+    when max_iter × dim fp32 fit in `basis_budget` bytes, and otherwise it replays the recurrence once the Ritz
+    vector's coefficients are known (iterations − 1 more HVPs, no basis in memory). Starts from `start`, else from a
+    seeded random unit vector.
     """
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, not {which!r}")
     q = _start(start, dim, seed, "lanczos", device)
-    basis = [q] if k > 1 else []
+    keep = k > 1 or (vector and 4 * dim * min(max_iter, dim) <= basis_budget)
+    basis = [q] if keep else []
+    first = q if vector and not keep else None  # for the replay
     q_prev, beta = None, 0.0
     alphas: list[float] = []
     betas: list[float] = []
@@ -276,19 +331,43 @@ def lanczos(hvp, dim: int, device: torch.device, k: int = 1, seed: int = 0, tol:
         alphas.append(alpha)
         ritz, vectors = np.linalg.eigh(np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))  # ascending
         beta = float(w.norm())
-        index = [int(np.abs(ritz).argmax())] + ([it - 1 - j for j in range(min(k, it))] if k > 1 else [])
+        top = int(np.abs(ritz).argmax()) if which == "magnitude" else it - 1
+        index = [top] + ([it - 1 - j for j in range(min(k, it))] if k > 1 else [])
         watched, residual = ritz[index], np.abs(beta * vectors[-1, index])
         converged = (previous is not None and len(previous) == len(watched)
                      and bool(np.all(np.abs(watched - previous) < tol * np.abs(watched)))
                      and bool(np.all(residual <= math.sqrt(tol / 10) * np.abs(watched))))
-        if converged or beta <= 1e-6 * np.abs(ritz).max():  # invariant Krylov space: the Ritz values are exact
-            return float(watched[0]), ritz[::-1][:k].tolist(), it, True
+        done = converged or beta <= 1e-6 * np.abs(ritz).max()  # invariant Krylov space: the Ritz values are exact
+        if done or it == min(max_iter, dim):
+            ritz_vector = None if not vector else (_combine(basis, vectors[:, top]) if keep else
+                                                   _replay(hvp, first, alphas, betas, vectors[:, top]))
+            return Eigen(float(watched[0]), ritz[::-1][:k].tolist(), it, bool(done), ritz_vector)
         previous = watched
         betas.append(beta)
         q_prev, q = q, w.div_(beta)
-        if k > 1:
+        if keep:
             basis.append(q)
-    return float(watched[0]), ritz[::-1][:k].tolist(), it, False
+    raise AssertionError("unreachable: the loop returns at its last iteration")
+
+
+def _combine(basis: Sequence[torch.Tensor], coefficients: np.ndarray) -> torch.Tensor:
+    """Σ c_i q_i, normalised."""
+    out = torch.zeros_like(basis[0])
+    for c, q in zip(coefficients, basis):
+        out.add_(q, alpha=float(c))
+    return out / out.norm()
+
+
+def _replay(hvp, first: torch.Tensor, alphas: Sequence[float], betas: Sequence[float],
+            coefficients: np.ndarray) -> torch.Tensor:
+    """Σ c_i q_i, normalised, regenerating the Lanczos vectors q_i from q_1 and the recorded α, β (no basis kept)."""
+    out = first * float(coefficients[0])
+    q_prev, q = None, first
+    for i in range(1, len(coefficients)):
+        w = hvp(q) - alphas[i - 1] * q - (0 if q_prev is None else betas[i - 2] * q_prev)
+        q_prev, q = q, w / betas[i - 1]
+        out.add_(q, alpha=float(coefficients[i]))
+    return out / out.norm()
 
 
 def hutchinson_trace(hvp, dim: int, device: torch.device, samples: int = 50, seed: int = 0) -> tuple[float, float]:
@@ -315,74 +394,81 @@ def disjoint_subsets(examples: Sequence[Example], n_examples: int, subsets: int,
     return [[pool[i] for i in sorted(order[k::subsets])] for k in range(subsets)]  # round robin within groups
 
 
-def subset_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | tuple[None, None]:
-    """t-interval (Student, n − 1 df) of the mean of per-subset λ_max values; (None, None) below 2 values."""
+def quotient_interval(quotients: Sequence[float], tokens: Sequence[float],
+                      confidence: float = 0.95) -> tuple[float, float] | tuple[None, None]:
+    """Delta-method t-interval (K − 1 df) of the pooled λ_max from its K disjoint parts' Rayleigh quotients r_k along
+    the pooled eigenvector, weighted by their answer-token counts t_k: λ = Σ t_k r_k / Σ t_k, a ratio estimator with
+    se² = Σ z_k² / (K (K − 1)), z_k = t_k (r_k − λ) / mean(t). To first order a perturbation of H moves its top
+    eigenvalue by vᵀ(ΔH)v, the eigenvector's own error entering at second order, so the parts' spread along the
+    fixed vector is the estimator's sampling spread. (None, None) below 2 parts."""
     from scipy import stats
 
-    x = np.asarray(values, dtype=float)
-    if x.size < 2:
+    r, t = np.asarray(quotients, dtype=float), np.asarray(tokens, dtype=float)
+    if r.size < 2:
         return None, None
-    half = float(stats.t.ppf(0.5 + confidence / 2, x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
-    return float(x.mean()) - half, float(x.mean()) + half
+    value = float((t * r).sum() / t.sum())
+    z = t * (r - value) / t.mean()
+    half = float(stats.t.ppf(0.5 + confidence / 2, r.size - 1)) * math.sqrt(float((z ** 2).sum()) / (r.size * (r.size - 1)))
+    return value - half, value + half
 
 
 def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_examples: int = 512, subsets: int = 1,
                       seed: int = 0, topk: int = 1, trace: bool = False, trace_samples: int = 50, micro_batch: int = 8,
-                      tol: float = 1e-3, max_iter: int = 100, method: str = "lanczos",
-                      graph_budget: float = 0, ranks: Ranks | None = None) -> Curvature:
-    """λ_max (and optionally top-k eigenvalues and the trace) of the Hessian of the mean training loss over seeded
-    subsets of `examples`, w.r.t. the model's trainable parameters, in fp32.
+                      tol: float = 1e-3, max_iter: int = 100, method: str = "lanczos", eigenvalue: str = "magnitude",
+                      graph_budget: float = 0, basis_budget: float = 2**30, ranks: Ranks | None = None) -> Curvature:
+    """λ_max (and optionally top-k eigenvalues and the trace) of the Hessian of the mean training loss over a seeded
+    sample of `examples`, w.r.t. the model's trainable parameters, in fp32.
 
-    λ_max is measured on `subsets` disjoint subsets of `n_examples` each (`disjoint_subsets`); the result's
-    `lambda_max` is their mean, with a t-interval over the subsets and their largest/smallest ratio (a stage whose
-    subsets disagree has no stable λ_max at this size). Top-k and trace use the first subset. `method`: "lanczos"
-    (default, fewer HVPs) or "power" for λ_max, both from `HessianOperator.start_vector`; the top-k come from a
-    second, re-orthogonalised Lanczos run from a seeded random vector. `graph_budget`: bytes of first-order graphs
-    the operator may keep between HVPs (0: recompute them; see docs/curvature.md). `ranks`: data-parallel HVPs
-    (`HessianOperator`), the same result on every rank."""
+    The sample is `subsets` disjoint, group-stratified subsets of `n_examples` each (`disjoint_subsets`); λ_max is
+    that of their pooled Hessian (one eigen-solve over all of them), and with ≥ 2 subsets each subset's Rayleigh
+    quotient along the pooled eigenvector gives its interval (`quotient_interval`), whose far / near end ratio is how
+    much the subsets disagree (`disagreement`). `method`: "lanczos" (default, fewer HVPs) or "power",
+    both from `HessianOperator.start_vector`; `eigenvalue`: "magnitude" (SPEC §6) or "largest" (algebraically,
+    Lanczos only). Top-k come from a second, re-orthogonalised Lanczos run from a seeded random vector; the trace from
+    Hutchinson's estimator, both over the pooled sample. `graph_budget`: bytes of first-order graphs the operator may
+    keep between HVPs (0: recompute them; see docs/curvature.md); `basis_budget`: bytes of Lanczos basis kept for the
+    eigenvector (`lanczos`). `ranks`: data-parallel HVPs (`HessianOperator`), the same result on every rank."""
     if method not in METHODS:
         raise ChaintuneError(f"unknown curvature method '{method}'", f"use one of {', '.join(METHODS)}")
+    if eigenvalue not in WHICH or (method == "power" and eigenvalue != "magnitude"):
+        raise ChaintuneError(f"curvature eigenvalue '{eigenvalue}' is not available with method '{method}'",
+                             "use eigenvalue: magnitude, or method: lanczos for eigenvalue: largest")
     parts = disjoint_subsets(examples, n_examples, subsets, seed)
+    several = len(parts) > 1
     original_dtype = next(model.parameters()).dtype
     if {p.dtype for p in model.parameters()} != {torch.float32}:
         model.float()  # HVPs in fp32 even when training used bf16; restored below
     start = time.perf_counter()
     was_training = model.training
     model.eval()
-    runs: list[Curvature] = []
     try:
         with eager_attention(model):
-            for k, subset in enumerate(parts):
-                op = HessianOperator(model, tokenizer, subset, micro_batch=micro_batch, graph_budget=graph_budget,
-                                     ranks=ranks)
-                v0 = op.start_vector(seed)
-                if method == "lanczos":
-                    lam, _, iters, converged = lanczos(op, op.dim, op.device, 1, seed, tol, max_iter, start=v0)
-                else:
-                    lam, iters, converged = power_iteration(op, op.dim, op.device, seed, tol, max_iter, start=v0)
-                part = Curvature(lam, iters, converged, n_examples=len(subset), n_parameters=op.dim, loss=op.loss(),
-                                 method=method)
-                if k == 0 and topk > 1:  # a random start spreads over all eigenvectors evenly: fewer missed members
-                    part.topk = lanczos(op, op.dim, op.device, topk, seed, tol, max_iter)[1]
-                if k == 0 and trace:
-                    part.trace, part.trace_std_error = hutchinson_trace(op, op.dim, op.device, trace_samples, seed)
-                part.hvp_calls = op.calls
-                runs.append(part)
-                del op  # its kept graphs go before the next subset's are built, and the freed memory back to the OS
-                release_freed_memory()
+            op = HessianOperator(model, tokenizer, [e for part in parts for e in part], micro_batch=micro_batch,
+                                 graph_budget=graph_budget, ranks=ranks,
+                                 parts=[k for k, part in enumerate(parts) for _ in part])
+            v0 = op.start_vector(seed)
+            if method == "lanczos":
+                found = lanczos(op, op.dim, op.device, 1, seed, tol, max_iter, start=v0, which=eigenvalue,
+                                vector=several, basis_budget=basis_budget)
+            else:
+                found = power_iteration(op, op.dim, op.device, seed, tol, max_iter, start=v0)
+            iterations = found.iterations
+            quotients = op.quadratic_forms(found.vector) if several else []
+            top = lanczos(op, op.dim, op.device, topk, seed, tol, max_iter).topk if topk > 1 else []
+            trace_mean, trace_se = hutchinson_trace(op, op.dim, op.device, trace_samples, seed) if trace else (None, None)
+            loss, dim, part_tokens = op.loss(), op.dim, op.part_tokens
+            hvp_calls = op.calls + (1 if several else 0)  # the quotients cost one more pass
+            value, converged = found.value, found.converged
+            del op, found, v0  # the kept graphs and vectors go, and the freed memory back to the OS
+            release_freed_memory()
     finally:
         model.train(was_training)
         if original_dtype != torch.float32:
             model.to(original_dtype)
-    values = [r.lambda_max for r in runs]
-    low, high = subset_interval(values)
-    magnitudes = [abs(v) for v in values]
-    several = len(runs) > 1
+    low, high = quotient_interval(quotients, part_tokens)
     return Curvature(
-        lambda_max=float(np.mean(values)), iterations=sum(r.iterations for r in runs),
-        converged=all(r.converged for r in runs), topk=runs[0].topk, trace=runs[0].trace,
-        trace_std_error=runs[0].trace_std_error, n_examples=sum(r.n_examples for r in runs),
-        n_parameters=runs[0].n_parameters, loss=float(np.mean([r.loss for r in runs])),
-        seconds=time.perf_counter() - start, hvp_calls=sum(r.hvp_calls for r in runs), method=method,
-        subsets=len(runs), lambda_max_subsets=values if several else [], lambda_max_ci_low=low, lambda_max_ci_high=high,
-        disagreement=max(magnitudes) / min(magnitudes) if several and min(magnitudes) > 0 else None)
+        lambda_max=value, iterations=iterations, converged=converged, topk=top, trace=trace_mean,
+        trace_std_error=trace_se, n_examples=sum(len(part) for part in parts), n_parameters=dim, loss=loss,
+        seconds=time.perf_counter() - start, hvp_calls=hvp_calls, method=method, eigenvalue=eigenvalue,
+        subsets=len(parts), lambda_max_subsets=quotients, lambda_max_ci_low=low, lambda_max_ci_high=high,
+        disagreement=None if low is None or low * high <= 0 else max(abs(low), abs(high)) / min(abs(low), abs(high)))

@@ -258,7 +258,8 @@ def curvature_estimate(shape: ModelShape, training: TrainingConfig, curvature: C
     """Peak bytes of the Hessian-vector products after a stage (one device, fp32, eager attention: double backward).
 
     Weights 4P; the solver's vectors: 6 × 4P_t (Lanczos' three, the product, its start vector, one temporary),
-    + max_iter × 4P_t for the re-orthogonalised basis when topk > 1; the first-order gradients with their graph
+    + max_iter × 4P_t for the re-orthogonalised basis when topk > 1 or, with ≥ 2 subsets, when it fits in
+    basis_budget (λ_max's vector, `curvature.lanczos`); the first-order gradients with their graph
     (4P_t); per micro-batch, the forward's saved activations, the backward-with-graph's as many again, and one
     more layer in the second backward; plus `graph_budget` bytes of kept graphs.
     """
@@ -267,7 +268,9 @@ def curvature_estimate(shape: ModelShape, training: TrainingConfig, curvature: C
     layer = layer_activation_bytes(shape, tokens, seq, training, "fp32", "eager")
     head = _head_bytes(shape, tokens, curvature.micro_batch * answer_tokens, "fp32", training)
     graph = 2 * (shape.layers * layer + head) + layer
-    vectors = FP32 * pt * (6 + (curvature.max_iter if curvature.topk > 1 else 0))
+    basis = FP32 * pt * curvature.max_iter
+    kept = curvature.topk > 1 or (curvature.subsets > 1 and basis <= curvature.basis_budget)
+    vectors = FP32 * pt * 6 + (basis if kept else 0)
     return FP32 * shape.params() + vectors + FP32 * pt + graph + curvature.graph_budget
 
 

@@ -131,8 +131,8 @@ class EvalRecord(Record):
 class CurvatureRecord(Record):
     stage: int
     task: str
-    lambda_max: float  # mean over the disjoint example subsets (one subset in schema 1)
-    unstable: bool = False  # the subsets' largest / smallest λ_max exceeded curvature.disagreement
+    lambda_max: float  # of the pooled subsets' Hessian (settings["estimator"] "pooled"; earlier: the subsets' mean)
+    unstable: bool = False  # λ_max's interval spans 0 or its ends differ by more than curvature.disagreement
     settings: dict[str, Any] | None = None  # CurvatureConfig.identity() that measured it (None: older records)
 
 

@@ -346,25 +346,28 @@ class StageExecutor:
         result = measure_curvature(model, cache.tokenizer, node_examples(self.out, job.settings, node),
                                    n_examples=cc.examples, subsets=cc.subsets, seed=node.seed, topk=cc.topk, trace=cc.trace,
                                    trace_samples=cc.trace_samples, micro_batch=cc.micro_batch, tol=cc.tol,
-                                   max_iter=cc.max_iter, method=cc.method, graph_budget=cc.graph_budget,
+                                   max_iter=cc.max_iter, method=cc.method, eigenvalue=cc.eigenvalue,
+                                   graph_budget=cc.graph_budget, basis_budget=cc.basis_budget,
                                    ranks=self.ranks)
         if node.training.method == "lora":
             cache.model = model.unload()  # drop the adapter again: parent weights, no merge
-        unstable = result.disagreement is not None and result.disagreement > cc.disagreement
+        unstable = result.lambda_max_ci_low is not None and (result.disagreement is None
+                                                             or result.disagreement > cc.disagreement)
         if not self.writes:
             return
         self.out.write_record(self.out.curvature_path(node.dirname),
                               CurvatureRecord(stage=node.index, task=node.stage.task, **vars(result), unstable=unstable,
                                               settings=cc.identity()))
-        interval = (f" [{result.lambda_max_ci_low:.4g}, {result.lambda_max_ci_high:.4g}] over {result.subsets} subsets"
+        interval = (f" [{result.lambda_max_ci_low:.4g}, {result.lambda_max_ci_high:.4g}] from {result.subsets} subsets"
                     if result.lambda_max_ci_low is not None else "")
         self.echo(f"  curvature {node.dirname}: λ_max {result.lambda_max:.4g}{interval} ({result.iterations} "
                   f"iterations{'' if result.converged else ', not converged'}, {result.seconds:.0f}s)"
-                  f"{sign_note(result.lambda_max)}")
+                  f"{sign_note(result.lambda_max, result.eigenvalue)}")
         if unstable:
-            self.echo(f"  warning: λ_max of {node.dirname} differs by a factor {result.disagreement:.2f} "
-                      f"between its {result.subsets} example subsets (> {cc.disagreement:g}): it is not stable at "
-                      f"{cc.examples} examples — raise curvature.examples")
+            ratio = ("spans 0" if result.disagreement is None else
+                     f"ends differ by a factor {result.disagreement:.2f} (> {cc.disagreement:g})")
+            self.echo(f"  warning: λ_max of {node.dirname} is not stable at {cc.examples} × {result.subsets} examples: "
+                      f"its interval {ratio} — raise curvature.examples or subsets")
 
 
 _PROCESS: dict[str, StageExecutor] = {}  # this process's executor: consecutive jobs reuse the loaded model
