@@ -11,12 +11,12 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from chaintune.distributed import Ranks
+from chaintune.distributed import Ranks, ShardedHessianOperator
 from chaintune.errors import ChaintuneError
 from chaintune.evaluate import decoder_and_head
 from chaintune.runtime import release_freed_memory
@@ -57,6 +57,18 @@ def _require_eager(model) -> None:
                              "call the HessianOperator inside `with chaintune.curvature.eager_attention(model):`")
 
 
+def answer_batches(tokenizer, examples: Sequence[Example], micro_batch: int, max_length: int, device: torch.device
+                   ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], int]:
+    """The examples as (ids, labels, mask) micro-batches of `micro_batch`, sorted by length, and their number of
+    answer tokens."""
+    data: list[SFTExample] = tokenize_sft(tokenizer, examples, max_length, "curvature")
+    order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = [_collate([data[i] for i in order[s:s + micro_batch]], pad, device)
+               for s in range(0, len(order), micro_batch)]
+    return batches, sum(sum(t != IGNORE for t in e.labels) for e in data)
+
+
 class HessianOperator:
     """v ↦ H v for the mean answer-token cross-entropy over a fixed set of examples (trainable parameters only).
 
@@ -76,14 +88,9 @@ class HessianOperator:
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.device = self.params[0].device
-        data: list[SFTExample] = tokenize_sft(tokenizer, examples, max_length, "curvature")
-        self.n_tokens = sum(sum(t != IGNORE for t in e.labels) for e in data)
-        order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.batches = [_collate([data[i] for i in order[s:s + micro_batch]], pad, self.device)
-                        for s in range(0, len(order), micro_batch)]
+        self.batches, self.n_tokens = answer_batches(tokenizer, examples, micro_batch, max_length, self.device)
         self.sizes = [p.numel() for p in self.params]
-        self.dim = sum(self.sizes)
+        self.dim = self.size = sum(self.sizes)  # vector length; the space's dimension (they differ for shards)
         self.graph_budget = graph_budget
         self.graph_bytes = 0  # estimated bytes held by the kept graphs
         self.kept: list[int] = []  # micro-batches whose first-order graph is kept
@@ -99,6 +106,13 @@ class HessianOperator:
                 total = sum(answer_loss_sum(self.model, *self.batches[i])[0].item() for i in self._mine())
             self._loss = self._sum(total) / self.n_tokens
         return self._loss
+
+    dot = staticmethod(torch.dot)  # the inner product of the vectors (ShardedHessianOperator: over the ranks)
+
+    @staticmethod
+    def vector_seed(seed: int) -> int:
+        """The seed of random vectors (ShardedHessianOperator: one per rank)."""
+        return seed
 
     def _mine(self) -> list[int]:
         """The micro-batches this rank computes (all of them in one process)."""
@@ -226,20 +240,32 @@ def _random_unit(dim: int, seed: int, device: torch.device) -> torch.Tensor:
     return (v / v.norm()).to(device)
 
 
-def _start(start: torch.Tensor | None, dim: int, seed: int, salt: str, device: torch.device) -> torch.Tensor:
-    return _random_unit(dim, stable_seed(salt, seed), device) if start is None else start / start.norm()
+Dot = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float]
+
+
+def _norm(v: torch.Tensor, dot: Dot) -> torch.Tensor | float:
+    return v.norm() if dot is torch.dot else math.sqrt(float(dot(v, v)))
+
+
+def _start(start: torch.Tensor | None, dim: int, seed: int, salt: str, device: torch.device,
+           dot: Dot = torch.dot) -> torch.Tensor:
+    """`start` normalised, else a seeded random unit vector of length `dim` (with a `dot` over shards: this rank's
+    shard, `seed` differing per rank)."""
+    v = torch.randn(dim, generator=torch.Generator().manual_seed(stable_seed(salt, seed))) if start is None else start
+    return (v / _norm(v, dot)).to(device)
 
 
 def power_iteration(hvp, dim: int, device: torch.device, seed: int = 0, tol: float = 1e-3, max_iter: int = 100,
-                    start: torch.Tensor | None = None) -> tuple[float, int, bool]:
+                    start: torch.Tensor | None = None, dot: Dot = torch.dot) -> tuple[float, int, bool]:
     """Largest-magnitude eigenvalue; stops when |λ_k − λ_{k−1}| / |λ_k| < tol. Returns (λ, iterations, converged).
-    Starts from `start` or else a seeded random unit vector."""
-    v = _start(start, dim, seed, "power", device)
+    Starts from `start` or else a seeded random unit vector. `dot`: the inner product (vectors sharded over ranks:
+    `ShardedHessianOperator.dot`)."""
+    v = _start(start, dim, seed, "power", device, dot)
     eigenvalue = None
     for it in range(1, max_iter + 1):
         hv = hvp(v)
-        new = float(torch.dot(v, hv))
-        norm = hv.norm()
+        new = float(dot(v, hv))
+        norm = _norm(hv, dot)
         if norm == 0:
             return 0.0, it, True
         v = hv / norm
@@ -250,7 +276,8 @@ def power_iteration(hvp, dim: int, device: torch.device, seed: int = 0, tol: flo
 
 
 def lanczos(hvp, dim: int, device: torch.device, k: int = 1, seed: int = 0, tol: float = 1e-3, max_iter: int = 100,
-            start: torch.Tensor | None = None) -> tuple[float, list[float], int, bool]:
+            start: torch.Tensor | None = None, dot: Dot = torch.dot, size: int | None = None
+            ) -> tuple[float, list[float], int, bool]:
     """(λ_max, top-k eigenvalues descending, iterations, converged) by Lanczos, one HVP per iteration.
 
     λ_max is the Ritz value of largest magnitude (what power iteration finds). Stops after `max_iter` iterations,
@@ -259,23 +286,24 @@ def lanczos(hvp, dim: int, device: torch.device, k: int = 1, seed: int = 0, tol:
     (by Kato–Temple the error is ≤ ρ²/gap, so ≤ tol·|θ| when the gap to the next eigenvalue is ≥ 10% of |θ|).
     k = 1 runs the plain three-term recurrence: three `dim`-vectors in memory whatever the iteration count. k > 1
     keeps the basis for full re-orthogonalisation: iterations × dim floats. Starts from `start`, else from a seeded
-    random unit vector.
+    random unit vector. Vectors sharded over ranks (`ShardedHessianOperator`): `dim` is this rank's length, `dot`
+    the inner product over the ranks and `size` the whole length (it bounds the iterations: default `dim`).
     """
-    q = _start(start, dim, seed, "lanczos", device)
+    q = _start(start, dim, seed, "lanczos", device, dot)
     basis = [q] if k > 1 else []
     q_prev, beta = None, 0.0
     alphas: list[float] = []
     betas: list[float] = []
     previous = None
-    for it in range(1, min(max_iter, dim) + 1):
+    for it in range(1, min(max_iter, dim if size is None else size) + 1):
         w = hvp(q) if q_prev is None else hvp(q) - beta * q_prev
-        alpha = float(torch.dot(w, q))
+        alpha = float(dot(w, q))
         w.sub_(q, alpha=alpha)
         for b in basis:  # full re-orthogonalisation keeps inner Ritz values clean in float32
-            w.sub_(b, alpha=float(torch.dot(w, b)))
+            w.sub_(b, alpha=float(dot(w, b)))
         alphas.append(alpha)
         ritz, vectors = np.linalg.eigh(np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))  # ascending
-        beta = float(w.norm())
+        beta = float(_norm(w, dot))
         index = [int(np.abs(ritz).argmax())] + ([it - 1 - j for j in range(min(k, it))] if k > 1 else [])
         watched, residual = ritz[index], np.abs(beta * vectors[-1, index])
         converged = (previous is not None and len(previous) == len(watched)
@@ -291,13 +319,15 @@ def lanczos(hvp, dim: int, device: torch.device, k: int = 1, seed: int = 0, tol:
     return float(watched[0]), ritz[::-1][:k].tolist(), it, False
 
 
-def hutchinson_trace(hvp, dim: int, device: torch.device, samples: int = 50, seed: int = 0) -> tuple[float, float]:
-    """Unbiased trace estimate E[zᵀHz] with Rademacher z; returns (mean, standard error)."""
+def hutchinson_trace(hvp, dim: int, device: torch.device, samples: int = 50, seed: int = 0,
+                     dot: Dot = torch.dot) -> tuple[float, float]:
+    """Unbiased trace estimate E[zᵀHz] with Rademacher z; returns (mean, standard error). Vectors sharded over
+    ranks: `dot` over the ranks, `seed` differing per rank."""
     g = torch.Generator().manual_seed(stable_seed("hutchinson", seed))
     values = []
     for _ in range(samples):
         z = (torch.randint(0, 2, (dim,), generator=g) * 2 - 1).float().to(device)
-        values.append(float(torch.dot(z, hvp(z))))
+        values.append(float(dot(z, hvp(z))))
     arr = np.array(values)
     return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else math.nan
 
@@ -339,7 +369,8 @@ def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_exampl
     (default, fewer HVPs) or "power" for λ_max, both from `HessianOperator.start_vector`; the top-k come from a
     second, re-orthogonalised Lanczos run from a seeded random vector. `graph_budget`: bytes of first-order graphs
     the operator may keep between HVPs (0: recompute them; see docs/curvature.md). `ranks`: data-parallel HVPs
-    (`HessianOperator`), the same result on every rank."""
+    (`HessianOperator`), the same result on every rank; under `fsdp`, `model` is `distributed.shard_for_curvature`'s
+    and the vectors are each rank's shards (`ShardedHessianOperator`: finite-difference HVPs, no graph kept)."""
     if method not in METHODS:
         raise ChaintuneError(f"unknown curvature method '{method}'", f"use one of {', '.join(METHODS)}")
     parts = disjoint_subsets(examples, n_examples, subsets, seed)
@@ -353,19 +384,24 @@ def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_exampl
     try:
         with eager_attention(model):
             for k, subset in enumerate(parts):
-                op = HessianOperator(model, tokenizer, subset, micro_batch=micro_batch, graph_budget=graph_budget,
-                                     ranks=ranks)
+                sharded = ranks is not None and ranks.strategy == "fsdp"
+                op = (ShardedHessianOperator if sharded else HessianOperator)(
+                    model, tokenizer, subset, micro_batch=micro_batch, graph_budget=graph_budget, ranks=ranks)
                 v0 = op.start_vector(seed)
                 if method == "lanczos":
-                    lam, _, iters, converged = lanczos(op, op.dim, op.device, 1, seed, tol, max_iter, start=v0)
+                    lam, _, iters, converged = lanczos(op, op.dim, op.device, 1, seed, tol, max_iter, start=v0,
+                                                       dot=op.dot, size=op.size)
                 else:
-                    lam, iters, converged = power_iteration(op, op.dim, op.device, seed, tol, max_iter, start=v0)
-                part = Curvature(lam, iters, converged, n_examples=len(subset), n_parameters=op.dim, loss=op.loss(),
+                    lam, iters, converged = power_iteration(op, op.dim, op.device, seed, tol, max_iter, start=v0,
+                                                            dot=op.dot)
+                part = Curvature(lam, iters, converged, n_examples=len(subset), n_parameters=op.size, loss=op.loss(),
                                  method=method)
                 if k == 0 and topk > 1:  # a random start spreads over all eigenvectors evenly: fewer missed members
-                    part.topk = lanczos(op, op.dim, op.device, topk, seed, tol, max_iter)[1]
+                    part.topk = lanczos(op, op.dim, op.device, topk, op.vector_seed(seed), tol, max_iter, dot=op.dot,
+                                        size=op.size)[1]
                 if k == 0 and trace:
-                    part.trace, part.trace_std_error = hutchinson_trace(op, op.dim, op.device, trace_samples, seed)
+                    part.trace, part.trace_std_error = hutchinson_trace(op, op.dim, op.device, trace_samples,
+                                                                        op.vector_seed(seed), dot=op.dot)
                 part.hvp_calls = op.calls
                 runs.append(part)
                 del op  # its kept graphs go before the next subset's are built, and the freed memory back to the OS
