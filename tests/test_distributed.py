@@ -160,7 +160,7 @@ def test_a_rank_killed_mid_stage_resumes_to_the_one_process_result(tmp_path, mcq
         flat = [torch.tensor(s.logliks.explode().astype(float).to_numpy()) for s in stored]
         assert float((flat[0] - flat[1]).abs().max()) < (1e-9 if name == base else 1e-4)
     lambdas = [d.curvature(node)["lambda_max"] for d in (one, two)]
-    assert lambdas[1] == pytest.approx(lambdas[0], rel=1e-4)
+    assert lambdas[1] == pytest.approx(lambdas[0], rel=SHARDED_RTOL)  # fsdp: measured with sharded vectors
     code, line = verdict(verify_run(tmp_path / "two")[0])  # the single-process path loads the gathered checkpoint
     assert code == 0, line
 
