@@ -4,6 +4,7 @@ model or LoRA adapters). Choices and measurements: docs/curvature.md.
 
 HVPs use double backward through the eager attention path (PyTorch's fused attention kernels have no double
 backward) in fp32, streamed over micro-batches so memory stays that of one micro-batch (unless graphs are kept).
+Multi-rank `fsdp` jobs use `distributed.ShardedHessianOperator` instead (vectors sharded like the parameters).
 """
 from __future__ import annotations
 
