@@ -105,12 +105,25 @@ def init_ranks(strategy: str, backend: str, device: torch.device) -> Ranks:
 
 
 # --------------------------------------------------------------------------------------------------------- training
-class AnswerLoss(torch.nn.Module):
-    """The training forward as one module call (what DDP and FSDP hook): (summed answer-token loss, token count)."""
+class AnswerLogits(torch.nn.Module):
+    """The curvature's forward as one module call (what FSDP hooks): (fp32 answer-token logits, their targets)."""
 
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
         self.lm = lm
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
+        from chaintune.train import answer_logits
+
+        return answer_logits(self.lm, ids, labels, mask)
+
+    def get_base_model(self) -> torch.nn.Module:
+        """The Hugging Face model inside (whose attention `curvature.eager_attention` switches)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+
+class AnswerLoss(AnswerLogits):
+    """The training forward as one module call (what DDP and FSDP hook): (summed answer-token loss, token count)."""
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
         from chaintune.train import answer_loss_sum
@@ -201,23 +214,6 @@ def gather_weights(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
 
 # -------------------------------------------------------------------------------------------------------- curvature
 FD_STEP = 1e-4  # ε·‖v‖ / max(‖θ‖, 1) of ShardedHessianOperator's finite differences (docs/distributed.md: its error)
-
-
-class AnswerLogits(torch.nn.Module):
-    """The curvature forward as one module call (FSDP's root): (fp32 answer-token logits, their targets)."""
-
-    def __init__(self, lm: torch.nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
-        from chaintune.train import answer_logits
-
-        return answer_logits(self.lm, ids, labels, mask)
-
-    def get_base_model(self) -> torch.nn.Module:
-        """The Hugging Face model inside (whose attention `curvature.eager_attention` switches)."""
-        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
 
 def shard_for_curvature(model: torch.nn.Module) -> torch.nn.Module:
