@@ -4,9 +4,10 @@
 
 It scores the examples in DATA (JSON) with the untrained model and measures its λ_max, data-parallel; then, for each
 strategy (ddp, fsdp), trains the model on them with `train_stage(ranks=...)` (LoRA: adapters attached first, merged after) and gathers
-the weights. Rank 0 writes
-OUT/eval.json (scores, λ_max), OUT/<strategy>.json (loss curve) and OUT/<strategy>.safetensors (weights) for the
-test to compare with one process.
+the weights; with "curvature" in DATA, it also measures λ_max of the FSDP-trained model sharded again for it
+(vectors sharded like the parameters, LoRA: before the merge). Rank 0 writes OUT/eval.json (scores, λ_max),
+OUT/<strategy>.json (loss curve; fsdp: the sharded λ_max, loss and each rank's vector length) and
+OUT/<strategy>.safetensors (weights) for the test to compare with one process.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from chaintune.config import TrainingConfig
 from chaintune.curvature import measure_curvature
-from chaintune.distributed import gather_weights, init_ranks
+from chaintune.distributed import ShardedHessianOperator, gather_weights, init_ranks, shard_for_curvature
 from chaintune.evaluate import score_examples
 from chaintune.io import write_json, write_safetensors
 from chaintune.models import load_model
@@ -46,11 +47,19 @@ def main(model_dir: str, data: str, out: str) -> None:
             model = attach_lora(model, cfg, seed=0)
         validation = examples[:spec.get("validation", 0)]  # select_best's validation slice (test: the first few)
         result = train_stage(model, tokenizer, examples, cfg, seed=0, work_dir=work, ranks=mine, validation=validation)
+        record = {"curve": result.curve}
+        if strategy == "fsdp" and spec.get("curvature"):  # what StageExecutor.measure_curvature does under fsdp
+            sharded = shard_for_curvature(gather_weights(model, mine))
+            curvature = measure_curvature(sharded, tokenizer, examples, n_examples=6, subsets=2, micro_batch=2,
+                                          seed=0, ranks=mine)
+            record |= {"lambda_max": curvature.lambda_max, "loss": curvature.loss, "size": curvature.n_parameters,
+                       "quotients": curvature.lambda_max_subsets,
+                       "dims": mine.gather([ShardedHessianOperator(sharded, tokenizer, examples[:1], ranks=mine).dim])}
         model = gather_weights(model, mine)
         if cfg.method == "lora":
             model = model.merge_and_unload()
         if mine.writer:
-            write_json(Path(out) / f"{strategy}.json", {"curve": result.curve})
+            write_json(Path(out) / f"{strategy}.json", record)
             write_safetensors(Path(out) / f"{strategy}.safetensors",
                               {k: v.clone() for k, v in model.state_dict().items()})
     torch.distributed.destroy_process_group()

@@ -4,6 +4,7 @@ model or LoRA adapters). Choices and measurements: docs/curvature.md.
 
 HVPs use double backward through the eager attention path (PyTorch's fused attention kernels have no double
 backward) in fp32, streamed over micro-batches so memory stays that of one micro-batch (unless graphs are kept).
+Multi-rank `fsdp` jobs use `distributed.ShardedHessianOperator` instead (vectors sharded like the parameters).
 """
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from chaintune.distributed import Ranks
+from chaintune.distributed import Ranks, ShardedHessianOperator
 from chaintune.errors import ChaintuneError
 from chaintune.evaluate import decoder_and_head
 from chaintune.runtime import release_freed_memory
@@ -62,6 +63,26 @@ def _require_eager(model) -> None:
                              "call the HessianOperator inside `with chaintune.curvature.eager_attention(model):`")
 
 
+def answer_batches(tokenizer, examples: Sequence[Example], micro_batch: int, max_length: int, device: torch.device,
+                   parts: Sequence[int] | None = None) -> tuple[list[tuple[torch.Tensor, ...]], list[int], list[int]]:
+    """The examples as (ids, labels, mask) micro-batches of `micro_batch`, formed within each part (`parts`: one
+    index per example, default all 0) and sorted by length there; the part of each micro-batch; each part's number
+    of answer tokens."""
+    data: list[SFTExample] = tokenize_sft(tokenizer, examples, max_length, "curvature")
+    part_of = [0] * len(data) if parts is None else list(parts)
+    if len(part_of) != len(data):
+        raise ValueError(f"parts has {len(part_of)} entries for {len(data)} examples")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches, batch_part, part_tokens = [], [], []
+    for part in range(max(part_of) + 1):
+        order = sorted((i for i in range(len(data)) if part_of[i] == part), key=lambda i: len(data[i].input_ids))
+        part_tokens.append(sum(sum(t != IGNORE for t in data[i].labels) for i in order))
+        for s in range(0, len(order), micro_batch):
+            batches.append(_collate([data[i] for i in order[s:s + micro_batch]], pad, device))
+            batch_part.append(part)
+    return batches, batch_part, part_tokens
+
+
 class HessianOperator:
     """v ↦ H v for the mean answer-token cross-entropy over a fixed set of examples (trainable parameters only).
 
@@ -84,23 +105,11 @@ class HessianOperator:
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.device = self.params[0].device
-        data: list[SFTExample] = tokenize_sft(tokenizer, examples, max_length, "curvature")
-        part_of = [0] * len(data) if parts is None else list(parts)
-        if len(part_of) != len(data):
-            raise ValueError(f"parts has {len(part_of)} entries for {len(data)} examples")
-        self.n_parts = max(part_of) + 1
-        tokens = [sum(t != IGNORE for t in e.labels) for e in data]
-        self.part_tokens = [sum(t for t, k in zip(tokens, part_of) if k == part) for part in range(self.n_parts)]
-        self.n_tokens = sum(tokens)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.batches, self.batch_part = [], []  # micro-batches (within a part, by length) and the part of each
-        for part in range(self.n_parts):
-            order = sorted((i for i in range(len(data)) if part_of[i] == part), key=lambda i: len(data[i].input_ids))
-            for s in range(0, len(order), micro_batch):
-                self.batches.append(_collate([data[i] for i in order[s:s + micro_batch]], pad, self.device))
-                self.batch_part.append(part)
+        self.batches, self.batch_part, self.part_tokens = answer_batches(tokenizer, examples, micro_batch, max_length,
+                                                                         self.device, parts)
+        self.n_parts, self.n_tokens = len(self.part_tokens), sum(self.part_tokens)
         self.sizes = [p.numel() for p in self.params]
-        self.dim = sum(self.sizes)
+        self.dim = self.size = sum(self.sizes)  # vector length; the space's dimension (they differ for shards)
         self.graph_budget = graph_budget
         self.graph_bytes = 0  # estimated bytes held by the kept graphs
         self.kept: list[int] = []  # micro-batches whose first-order graph is kept
@@ -116,6 +125,13 @@ class HessianOperator:
                 total = sum(answer_loss_sum(self.model, *self.batches[i])[0].item() for i in self._mine())
             self._loss = self._sum(total) / self.n_tokens
         return self._loss
+
+    dot = staticmethod(torch.dot)  # the inner product of the vectors (ShardedHessianOperator: over the ranks)
+
+    @staticmethod
+    def vector_seed(seed: int) -> int:
+        """The seed of random vectors (ShardedHessianOperator: one per rank)."""
+        return seed
 
     def _mine(self) -> list[int]:
         """The micro-batches this rank computes (all of them in one process)."""
@@ -258,8 +274,19 @@ def _random_unit(dim: int, seed: int, device: torch.device) -> torch.Tensor:
     return (v / v.norm()).to(device)
 
 
-def _start(start: torch.Tensor | None, dim: int, seed: int, salt: str, device: torch.device) -> torch.Tensor:
-    return _random_unit(dim, stable_seed(salt, seed), device) if start is None else start / start.norm()
+Dot = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float]
+
+
+def _norm(v: torch.Tensor, dot: Dot) -> torch.Tensor | float:
+    return v.norm() if dot is torch.dot else math.sqrt(float(dot(v, v)))
+
+
+def _start(start: torch.Tensor | None, dim: int, seed: int, salt: str, device: torch.device,
+           dot: Dot = torch.dot) -> torch.Tensor:
+    """`start` normalised, else a seeded random unit vector of length `dim` (with a `dot` over shards: this rank's
+    shard, `seed` differing per rank)."""
+    v = torch.randn(dim, generator=torch.Generator().manual_seed(stable_seed(salt, seed))) if start is None else start
+    return (v / _norm(v, dot)).to(device)
 
 
 class Eigen(NamedTuple):
@@ -274,15 +301,16 @@ class Eigen(NamedTuple):
 
 
 def power_iteration(hvp, dim: int, device: torch.device, seed: int = 0, tol: float = 1e-3, max_iter: int = 100,
-                    start: torch.Tensor | None = None) -> Eigen:
+                    start: torch.Tensor | None = None, dot: Dot = torch.dot) -> Eigen:
     """Largest-magnitude eigenvalue and its vector; stops when |λ_k − λ_{k−1}| / |λ_k| < tol. Starts from `start` or
-    else a seeded random unit vector."""
-    v = _start(start, dim, seed, "power", device)
+    else a seeded random unit vector. `dot`: the inner product (vectors sharded over ranks:
+    `ShardedHessianOperator.dot`)."""
+    v = _start(start, dim, seed, "power", device, dot)
     eigenvalue = None
     for it in range(1, max_iter + 1):
         hv = hvp(v)
-        new = float(torch.dot(v, hv))
-        norm = hv.norm()
+        new = float(dot(v, hv))
+        norm = _norm(hv, dot)
         if norm == 0:
             return Eigen(0.0, [0.0], it, True, v)
         previous, v = v, hv / norm
@@ -297,7 +325,7 @@ WHICH = ("magnitude", "largest")
 
 def lanczos(hvp, dim: int, device: torch.device, k: int = 1, seed: int = 0, tol: float = 1e-3, max_iter: int = 100,
             start: torch.Tensor | None = None, which: str = "magnitude", vector: bool = False,
-            basis_budget: float = math.inf) -> Eigen:
+            basis_budget: float = math.inf, dot: Dot = torch.dot, size: int | None = None) -> Eigen:
     """λ_max, the top-k eigenvalues (descending) and, with `vector`, λ_max's Ritz vector, by Lanczos (one HVP per
     iteration).
 
@@ -310,27 +338,29 @@ def lanczos(hvp, dim: int, device: torch.device, k: int = 1, seed: int = 0, tol:
     the iteration count. k > 1 keeps the basis, fully re-orthogonalised: iterations × dim floats; so does `vector`
     when max_iter × dim fp32 fit in `basis_budget` bytes, and otherwise it replays the recurrence once the Ritz
     vector's coefficients are known (iterations − 1 more HVPs, no basis in memory). Starts from `start`, else from a
-    seeded random unit vector.
+    seeded random unit vector. Vectors sharded over ranks (`ShardedHessianOperator`): `dim` is this rank's length,
+    `dot` the inner product over the ranks and `size` the whole length (it bounds the iterations: default `dim`).
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, not {which!r}")
-    q = _start(start, dim, seed, "lanczos", device)
-    keep = k > 1 or (vector and 4 * dim * min(max_iter, dim) <= basis_budget)
+    last = min(max_iter, dim if size is None else size)
+    q = _start(start, dim, seed, "lanczos", device, dot)
+    keep = k > 1 or (vector and 4 * dim * last <= basis_budget)
     basis = [q] if keep else []
     first = q if vector and not keep else None  # for the replay
     q_prev, beta = None, 0.0
     alphas: list[float] = []
     betas: list[float] = []
     previous = None
-    for it in range(1, min(max_iter, dim) + 1):
+    for it in range(1, last + 1):
         w = hvp(q) if q_prev is None else hvp(q) - beta * q_prev
-        alpha = float(torch.dot(w, q))
+        alpha = float(dot(w, q))
         w.sub_(q, alpha=alpha)
         for b in basis:  # full re-orthogonalisation keeps inner Ritz values clean in float32
-            w.sub_(b, alpha=float(torch.dot(w, b)))
+            w.sub_(b, alpha=float(dot(w, b)))
         alphas.append(alpha)
         ritz, vectors = np.linalg.eigh(np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))  # ascending
-        beta = float(w.norm())
+        beta = float(_norm(w, dot))
         top = int(np.abs(ritz).argmax()) if which == "magnitude" else it - 1
         index = [top] + ([it - 1 - j for j in range(min(k, it))] if k > 1 else [])
         watched, residual = ritz[index], np.abs(beta * vectors[-1, index])
@@ -338,9 +368,9 @@ def lanczos(hvp, dim: int, device: torch.device, k: int = 1, seed: int = 0, tol:
                      and bool(np.all(np.abs(watched - previous) < tol * np.abs(watched)))
                      and bool(np.all(residual <= math.sqrt(tol / 10) * np.abs(watched))))
         done = converged or beta <= 1e-6 * np.abs(ritz).max()  # invariant Krylov space: the Ritz values are exact
-        if done or it == min(max_iter, dim):
-            ritz_vector = None if not vector else (_combine(basis, vectors[:, top]) if keep else
-                                                   _replay(hvp, first, alphas, betas, vectors[:, top]))
+        if done or it == last:
+            ritz_vector = None if not vector else (_combine(basis, vectors[:, top], dot) if keep else
+                                                   _replay(hvp, first, alphas, betas, vectors[:, top], dot))
             return Eigen(float(watched[0]), ritz[::-1][:k].tolist(), it, bool(done), ritz_vector)
         previous = watched
         betas.append(beta)
@@ -350,16 +380,16 @@ def lanczos(hvp, dim: int, device: torch.device, k: int = 1, seed: int = 0, tol:
     raise AssertionError("unreachable: the loop returns at its last iteration")
 
 
-def _combine(basis: Sequence[torch.Tensor], coefficients: np.ndarray) -> torch.Tensor:
+def _combine(basis: Sequence[torch.Tensor], coefficients: np.ndarray, dot: Dot) -> torch.Tensor:
     """Σ c_i q_i, normalised."""
     out = torch.zeros_like(basis[0])
     for c, q in zip(coefficients, basis):
         out.add_(q, alpha=float(c))
-    return out / out.norm()
+    return out / _norm(out, dot)
 
 
-def _replay(hvp, first: torch.Tensor, alphas: Sequence[float], betas: Sequence[float],
-            coefficients: np.ndarray) -> torch.Tensor:
+def _replay(hvp, first: torch.Tensor, alphas: Sequence[float], betas: Sequence[float], coefficients: np.ndarray,
+            dot: Dot) -> torch.Tensor:
     """Σ c_i q_i, normalised, regenerating the Lanczos vectors q_i from q_1 and the recorded α, β (no basis kept)."""
     out = first * float(coefficients[0])
     q_prev, q = None, first
@@ -367,16 +397,18 @@ def _replay(hvp, first: torch.Tensor, alphas: Sequence[float], betas: Sequence[f
         w = hvp(q) - alphas[i - 1] * q - (0 if q_prev is None else betas[i - 2] * q_prev)
         q_prev, q = q, w / betas[i - 1]
         out.add_(q, alpha=float(coefficients[i]))
-    return out / out.norm()
+    return out / _norm(out, dot)
 
 
-def hutchinson_trace(hvp, dim: int, device: torch.device, samples: int = 50, seed: int = 0) -> tuple[float, float]:
-    """Unbiased trace estimate E[zᵀHz] with Rademacher z; returns (mean, standard error)."""
+def hutchinson_trace(hvp, dim: int, device: torch.device, samples: int = 50, seed: int = 0,
+                     dot: Dot = torch.dot) -> tuple[float, float]:
+    """Unbiased trace estimate E[zᵀHz] with Rademacher z; returns (mean, standard error). Vectors sharded over
+    ranks: `dot` over the ranks, `seed` differing per rank."""
     g = torch.Generator().manual_seed(stable_seed("hutchinson", seed))
     values = []
     for _ in range(samples):
         z = (torch.randint(0, 2, (dim,), generator=g) * 2 - 1).float().to(device)
-        values.append(float(torch.dot(z, hvp(z))))
+        values.append(float(dot(z, hvp(z))))
     arr = np.array(values)
     return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else math.nan
 
@@ -427,7 +459,9 @@ def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_exampl
     Lanczos only). Top-k come from a second, re-orthogonalised Lanczos run from a seeded random vector; the trace from
     Hutchinson's estimator, both over the pooled sample. `graph_budget`: bytes of first-order graphs the operator may
     keep between HVPs (0: recompute them; see docs/curvature.md); `basis_budget`: bytes of Lanczos basis kept for the
-    eigenvector (`lanczos`). `ranks`: data-parallel HVPs (`HessianOperator`), the same result on every rank."""
+    eigenvector (`lanczos`). `ranks`: data-parallel HVPs (`HessianOperator`), the same result on every rank; under
+    `fsdp`, `model` is `distributed.shard_for_curvature`'s and the vectors are each rank's shards
+    (`ShardedHessianOperator`: finite-difference HVPs, no graph kept)."""
     if method not in METHODS:
         raise ChaintuneError(f"unknown curvature method '{method}'", f"use one of {', '.join(METHODS)}")
     if eigenvalue not in WHICH or (method == "power" and eigenvalue != "magnitude"):
@@ -443,20 +477,24 @@ def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_exampl
     model.eval()
     try:
         with eager_attention(model):
-            op = HessianOperator(model, tokenizer, [e for part in parts for e in part], micro_batch=micro_batch,
-                                 graph_budget=graph_budget, ranks=ranks,
-                                 parts=[k for k, part in enumerate(parts) for _ in part])
+            sharded = ranks is not None and ranks.strategy == "fsdp"
+            op = (ShardedHessianOperator if sharded else HessianOperator)(
+                model, tokenizer, [e for part in parts for e in part], micro_batch=micro_batch,
+                graph_budget=graph_budget, ranks=ranks, parts=[k for k, part in enumerate(parts) for _ in part])
             v0 = op.start_vector(seed)
             if method == "lanczos":
                 found = lanczos(op, op.dim, op.device, 1, seed, tol, max_iter, start=v0, which=eigenvalue,
-                                vector=several, basis_budget=basis_budget)
+                                vector=several, basis_budget=basis_budget, dot=op.dot, size=op.size)
             else:
-                found = power_iteration(op, op.dim, op.device, seed, tol, max_iter, start=v0)
+                found = power_iteration(op, op.dim, op.device, seed, tol, max_iter, start=v0, dot=op.dot)
             iterations = found.iterations
             quotients = op.quadratic_forms(found.vector) if several else []
-            top = lanczos(op, op.dim, op.device, topk, seed, tol, max_iter).topk if topk > 1 else []
-            trace_mean, trace_se = hutchinson_trace(op, op.dim, op.device, trace_samples, seed) if trace else (None, None)
-            loss, dim, part_tokens = op.loss(), op.dim, op.part_tokens
+            # top-k: a random start spreads over all eigenvectors evenly (fewer missed members than the Fisher start)
+            top = lanczos(op, op.dim, op.device, topk, op.vector_seed(seed), tol, max_iter, dot=op.dot,
+                          size=op.size).topk if topk > 1 else []
+            trace_mean, trace_se = (hutchinson_trace(op, op.dim, op.device, trace_samples, op.vector_seed(seed),
+                                                     dot=op.dot) if trace else (None, None))
+            loss, size, part_tokens = op.loss(), op.size, op.part_tokens
             hvp_calls = op.calls + (1 if several else 0)  # the quotients cost one more pass
             value, converged = found.value, found.converged
             del op, found, v0  # the kept graphs and vectors go, and the freed memory back to the OS
@@ -468,7 +506,7 @@ def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_exampl
     low, high = quotient_interval(quotients, part_tokens)
     return Curvature(
         lambda_max=value, iterations=iterations, converged=converged, topk=top, trace=trace_mean,
-        trace_std_error=trace_se, n_examples=sum(len(part) for part in parts), n_parameters=dim, loss=loss,
+        trace_std_error=trace_se, n_examples=sum(len(part) for part in parts), n_parameters=size, loss=loss,
         seconds=time.perf_counter() - start, hvp_calls=hvp_calls, method=method, eigenvalue=eigenvalue,
         subsets=len(parts), lambda_max_subsets=quotients, lambda_max_ci_low=low, lambda_max_ci_high=high,
         disagreement=None if low is None or low * high <= 0 else max(abs(low), abs(high)) / min(abs(low), abs(high)))

@@ -12,13 +12,15 @@ runs) and runs the same `StageExecutor` with a `Ranks`:
   After training the weights are gathered into a plain model on every rank.
 - evaluation: the single-process batches are dealt round robin over the ranks and the scores gathered, so each
   question is scored in exactly the batch it would be in alone (identical scores).
-- curvature: micro-batches are dealt over the ranks and the Hessian-vector products all-reduced; every rank holds
-  the full vectors and runs the same Lanczos iterations.
+- curvature: micro-batches are dealt over the ranks. `ddp`: the Hessian-vector products are all-reduced and every
+  rank holds whole vectors; `fsdp`: the model is sharded again (`shard_for_curvature`) and every vector is the rank's
+  shard of the parameters (`ShardedHessianOperator`: finite-difference products, inner products summed over ranks).
 - rank 0 alone writes (records, checkpoints, the mid-stage resume state); every rank reads the resume state.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -103,12 +105,25 @@ def init_ranks(strategy: str, backend: str, device: torch.device) -> Ranks:
 
 
 # --------------------------------------------------------------------------------------------------------- training
-class AnswerLoss(torch.nn.Module):
-    """The training forward as one module call (what DDP and FSDP hook): (summed answer-token loss, token count)."""
+class AnswerLogits(torch.nn.Module):
+    """The curvature's forward as one module call (what FSDP hooks): (fp32 answer-token logits, their targets)."""
 
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
         self.lm = lm
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
+        from chaintune.train import answer_logits
+
+        return answer_logits(self.lm, ids, labels, mask)
+
+    def get_base_model(self) -> torch.nn.Module:
+        """The Hugging Face model inside (whose attention `curvature.eager_attention` switches)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+
+class AnswerLoss(AnswerLogits):
+    """The training forward as one module call (what DDP and FSDP hook): (summed answer-token loss, token count)."""
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
         from chaintune.train import answer_loss_sum
@@ -125,15 +140,23 @@ def wrap_for_training(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
 
         ids = [ranks.device.index] if ranks.device.type == "cuda" else None
         return DistributedDataParallel(loss, device_ids=ids)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if ranks.device.type == "cuda" else MixedPrecisionPolicy()
+    return _fully_shard(loss, model, policy)
+
+
+def _fully_shard(root: torch.nn.Module, model: torch.nn.Module, policy) -> torch.nn.Module:
+    """FSDP2 `fully_shard` of each decoder layer of `model` (its `_no_split_modules`), then of `root`, which holds
+    `model` and whose forward is the one module call that FSDP hooks."""
+    from torch.distributed.fsdp import fully_shard
+
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, mp_policy=policy)
-    return fully_shard(loss, mp_policy=policy)
+    return fully_shard(root, mp_policy=policy)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -187,6 +210,158 @@ def gather_weights(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
     if empty:
         raise RuntimeError(f"gathering the sharded weights left {len(empty)} parameters unloaded (e.g. {empty[0]})")
     return plain.to(ranks.device)
+
+
+# -------------------------------------------------------------------------------------------------------- curvature
+FD_STEP = 1e-4  # ε·‖v‖ / max(‖θ‖, 1) of ShardedHessianOperator's finite differences (docs/distributed.md: its error)
+
+
+def shard_for_curvature(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` (a plain model: full, or with LoRA adapters) sharded for `ShardedHessianOperator`: FSDP2 per decoder
+    layer and at an `AnswerLogits` root, in fp32 (curvature computes in fp32 on every device). Its parameters become
+    this rank's shards in place: `gather_weights` of the result's `.lm` makes a plain model again."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return _fully_shard(AnswerLogits(model), model, MixedPrecisionPolicy())
+
+
+class ShardedHessianOperator:
+    """v ↦ H v for the mean answer-token cross-entropy over `examples`, w.r.t. the trainable parameters of a model
+    sharded by `shard_for_curvature`, with every vector this rank's shards of those parameters (flattened and
+    concatenated in parameter order: `dim` long; `size` is the whole length) and inner products summed over the
+    ranks (`dot`). What `curvature.measure_curvature` needs of `HessianOperator`, for `fsdp` jobs.
+
+    FSDP2 reduce-scatters gradients without an autograd graph, so there is no double backward through it (measured:
+    docs/distributed.md). A call is the central difference of two sharded gradients, H v ≈ (∇L(θ + εv) − ∇L(θ − εv))
+    / 2ε with ε = FD_STEP·max(‖θ‖, 1)/‖v‖: the perturbation is written into the local shards, which are copied back
+    from a saved copy afterwards (exactly θ again). Micro-batches are dealt round robin over the ranks; every rank
+    runs the same number of forward and backward passes (a stand-in at weight 0 when it has no batch left), as
+    FSDP's collectives need. No graph is kept (`graph_budget` is ignored). Use it in eval mode inside
+    `curvature.eager_attention(model)`."""
+
+    def __init__(self, model, tokenizer, examples, micro_batch: int = 8, max_length: int = 512,
+                 graph_budget: float = 0, ranks: Ranks | None = None, parts: Sequence[int] | None = None):
+        from torch.distributed.fsdp import FSDPModule
+
+        from chaintune.curvature import answer_batches
+
+        if ranks is None or not isinstance(model, FSDPModule):
+            raise ValueError("ShardedHessianOperator needs the ranks and a model from shard_for_curvature")
+        self.model, self.ranks, self.device = model, ranks, ranks.device
+        reshard(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        self.sizes = [p.to_local().numel() for p in self.params]
+        self.dim = sum(self.sizes)
+        self.size = int(ranks.sum([self.dim])[0])
+        self.theta_norm = math.sqrt(ranks.sum([sum(float(p.to_local().detach().double().square().sum())
+                                                   for p in self.params)])[0])
+        self.batches, self.batch_part, self.part_tokens = answer_batches(tokenizer, examples, micro_batch, max_length,
+                                                                         self.device, parts)
+        self.n_tokens = sum(self.part_tokens)
+        self.calls = 0
+        self._loss: float | None = None
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """The inner product of two sharded vectors: the ranks' local products summed (every rank gets it)."""
+        return self.ranks.sum([float(torch.dot(a, b))])[0]
+
+    def vector_seed(self, seed: int) -> int:
+        """The seed of this rank's shard of a random vector (independent shards)."""
+        from chaintune.tasks.splits import stable_seed
+
+        return stable_seed("vector-shard", seed, self.ranks.rank)
+
+    def loss(self) -> float:
+        """Mean answer-token loss over the examples (from `start_vector`'s forward passes when it ran)."""
+        if self._loss is None:
+            self._forward_all(None)
+        return self._loss
+
+    def _forward_all(self, generator: torch.Generator | None) -> list[torch.Tensor]:
+        """Every micro-batch's forward on every rank (no gradient), in the order of one process: records the loss
+        and, with `generator`, draws each answer token's label from the model's prediction (what
+        `HessianOperator.start_vector` draws)."""
+        total, draws = 0.0, []
+        with torch.no_grad():
+            for batch in self.batches:
+                logits, target = self.model(*batch)
+                total += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+                if generator is not None:
+                    draws.append(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)[:, 0]
+                                 .to(self.device))
+        reshard(self.model)  # FSDP2 keeps the root's parameters gathered after a forward without backward
+        self._loss = total / self.n_tokens
+        return draws
+
+    def _gradient(self, loss_of, indices: Sequence[int] | None = None) -> torch.Tensor:
+        """This rank's flat shard of ∇ Σ_i loss_of(i, logits_i, targets_i) over the micro-batches `indices` (default
+        all; fp32)."""
+        indices = list(range(len(self.batches))) if indices is None else list(indices)
+        n, world = len(indices), self.ranks.world
+        for p in self.params:
+            p.grad = None
+        for r in range(math.ceil(n / world)):
+            j = r * world + self.ranks.rank
+            weight = float(world) if j < n else 0.0  # ×N: FSDP averages gradients over ranks; 0: a stand-in
+            i = indices[min(j, n - 1)]
+            (loss_of(i, *self.model(*self.batches[i])) * weight).backward()
+        flat = torch.cat([(p.grad.to_local() if p.grad is not None else torch.zeros_like(p.to_local())).reshape(-1)
+                          for p in self.params])
+        for p in self.params:
+            p.grad = None
+        return flat
+
+    def start_vector(self, seed: int) -> torch.Tensor:
+        """`HessianOperator.start_vector` (the Fisher start vector, the same label draws), this rank's shard."""
+        from chaintune.curvature import _start
+        from chaintune.tasks.splits import stable_seed
+
+        draws = self._forward_all(torch.Generator().manual_seed(stable_seed("fisher-start", seed)))
+        start = self._gradient(lambda i, logits, _: torch.nn.functional.cross_entropy(logits, draws[i],
+                                                                                      reduction="sum"))
+        if self.dot(start, start) > 0:
+            return _start(start, self.dim, seed, "lanczos", self.device, self.dot)
+        return _start(None, self.dim, self.vector_seed(seed), "lanczos", self.device, self.dot)
+
+    def __call__(self, vector: torch.Tensor) -> torch.Tensor:
+        """H·vector for this rank's flat fp32 shard of a vector (a new tensor: this rank's shard of H·vector)."""
+        self.calls += 1
+        return self._product(vector, range(len(self.batches)))
+
+    def quadratic_forms(self, vector: torch.Tensor) -> list[float]:
+        """`HessianOperator.quadratic_forms`: each part's Rayleigh quotient vᵀH_k v / vᵀv (one pass)."""
+        squared_norm = self.dot(vector, vector)
+        return [self.dot(vector, self._product(vector, [i for i, k in enumerate(self.batch_part) if k == part]))
+                * self.n_tokens / (tokens * squared_norm) for part, tokens in enumerate(self.part_tokens)]
+
+    def _product(self, vector: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+        """This rank's shard of Σ over the micro-batches `indices` of their share of H·vector."""
+        from chaintune.curvature import _require_eager
+
+        _require_eager(self.model)
+        reshard(self.model)
+        norm = math.sqrt(self.dot(vector, vector))
+        if norm == 0:
+            return torch.zeros_like(vector)
+        eps = FD_STEP * max(self.theta_norm, 1.0) / norm
+        saved = [p.to_local().detach().clone() for p in self.params]
+        def mean_loss(_, logits, target):
+            return torch.nn.functional.cross_entropy(logits, target, reduction="sum") / self.n_tokens
+
+        grads = []
+        try:
+            for sign in (1.0, -1.0):
+                with torch.no_grad():
+                    for p, theta, v in zip(self.params, saved, torch.split(vector, self.sizes)):
+                        p.to_local().copy_(theta).add_(v.view_as(theta), alpha=sign * eps)
+                grads.append(self._gradient(mean_loss, indices))
+        finally:
+            with torch.no_grad():
+                for p, theta in zip(self.params, saved):
+                    p.to_local().copy_(theta)
+        return grads[0].sub_(grads[1]).div_(2 * eps)
 
 
 # --------------------------------------------------------------------------------------------------------- launching

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from chaintune.config import Stage
-from chaintune.distributed import Ranks, gather_weights, launch
+from chaintune.distributed import Ranks, gather_weights, launch, shard_for_curvature
 from chaintune.errors import ChaintuneError
 from chaintune.evaluate import EvalResult, evaluate
 from chaintune.plan import Job, Node, Settings
@@ -328,7 +328,8 @@ class StageExecutor:
 
     def measure_curvature(self, job: Job) -> None:
         """λ_max (and top-k / trace if asked) of the stage's training loss w.r.t. its trainable parameters: all
-        weights for full fine-tuning, the stage's LoRA adapter for LoRA."""
+        weights for full fine-tuning, the stage's LoRA adapter for LoRA. Under `fsdp` the cached model is sharded
+        for it (its parameters become this rank's shards) and dropped from the cache after."""
         from chaintune.curvature import measure_curvature, sign_note
 
         cc, node, cache = job.curvature, job.node, self.cache
@@ -343,13 +344,18 @@ class StageExecutor:
             cache.loaded = None
         else:
             model = cache.materialize(node).requires_grad_(True)
+        sharded = self.ranks is not None and self.ranks.strategy == "fsdp"
+        if sharded:
+            model = shard_for_curvature(model)
         result = measure_curvature(model, cache.tokenizer, node_examples(self.out, job.settings, node),
                                    n_examples=cc.examples, subsets=cc.subsets, seed=node.seed, topk=cc.topk, trace=cc.trace,
                                    trace_samples=cc.trace_samples, micro_batch=cc.micro_batch, tol=cc.tol,
                                    max_iter=cc.max_iter, method=cc.method, eigenvalue=cc.eigenvalue,
                                    graph_budget=cc.graph_budget, basis_budget=cc.basis_budget,
                                    ranks=self.ranks)
-        if node.training.method == "lora":
+        if sharded:  # its parameters are shards now: materialize loads the weights again if a later step needs them
+            cache.model, cache.loaded = None, None
+        elif node.training.method == "lora":
             cache.model = model.unload()  # drop the adapter again: parent weights, no merge
         unstable = result.lambda_max_ci_low is not None and (result.disagreement is None
                                                              or result.disagreement > cc.disagreement)

@@ -77,17 +77,23 @@ def _collate(batch: Sequence[SFTExample], pad_id: int, device: torch.device):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
-def answer_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                    decoder=None) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy (nats) over answer tokens and their count; the LM head runs on answer positions only.
-    `decoder`: the decoder stack to run instead of the model's own (its compiled version, see `compile_decoder`)."""
+def answer_logits(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                  decoder=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 logits [answer tokens, vocab], their target ids [answer tokens]), answer tokens in row-major order; the
+    LM head runs on answer positions only. `decoder`: the decoder stack to run instead of the model's own (its
+    compiled version, see `compile_decoder`)."""
     target = labels[:, 1:]
     rows, cols = (target != IGNORE).nonzero(as_tuple=True)
     own, head = decoder_and_head(model)
     hidden = (own if decoder is None else decoder)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    logits = head(hidden[rows, cols]).float()
-    loss = torch.nn.functional.cross_entropy(logits, target[rows, cols], reduction="sum")
-    return loss, int(rows.numel())
+    return head(hidden[rows, cols]).float(), target[rows, cols]
+
+
+def answer_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                    decoder=None) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy (nats) over answer tokens and their count (`answer_logits`)."""
+    logits, target = answer_logits(model, ids, labels, mask, decoder)
+    return torch.nn.functional.cross_entropy(logits, target, reduction="sum"), int(target.numel())
 
 
 def compile_decoder(model):
