@@ -255,3 +255,12 @@ def test_changed_curvature_settings_are_measured_again(tmp_path, mcq_experiment)
     assert first["n_examples"] == 4 and first["settings"]["examples"] == 4
     assert run_with({"examples": 4, "micro_batch": 4, "graph_budget": 1e6}) == first  # memory only: kept
     assert run_with({"examples": 6, "micro_batch": 2})["n_examples"] == 6  # another subset size: measured again
+    # records from before the settings were stored: one subset's λ_max is the pooled estimator's; a mean over
+    # several subsets (the earlier estimator) is not, nor is a largest-magnitude value when `largest` is asked for
+    path = next((tmp_path / "out" / "stages").glob("s1-*/curvature.json"))
+    legacy = {k: v for k, v in json.loads(path.read_text()).items() if k != "settings"}
+    path.write_text(json.dumps(legacy | {"lambda_max": 123.0}))
+    assert run_with({"examples": 6, "micro_batch": 2})["lambda_max"] == 123.0
+    assert run_with({"examples": 6, "micro_batch": 2, "eigenvalue": "largest"})["lambda_max"] != 123.0
+    path.write_text(json.dumps(legacy | {"lambda_max": 123.0, "lambda_max_subsets": [100.0, 146.0]}))
+    assert run_with({"examples": 6, "micro_batch": 2})["lambda_max"] != 123.0

@@ -73,6 +73,24 @@ def test_curvature_is_estimated_only_when_measured():
     assert 0 < small < large
 
 
+def test_sharded_curvature_divides_the_weights_and_vectors_by_the_devices():
+    """fsdp: est(N) = A + B/N with B = 4P + 9·4P_t (+ the basis), by hand from two device counts; ddp is the
+    one-device estimate whatever N."""
+    from chaintune.memory import curvature_estimate
+
+    shape = KNOWN_SHAPES["meta-llama/Llama-3.2-1B"]
+    training, curvature = TrainingConfig(), CurvatureConfig(micro_batch=2, subsets=1)
+    two, four = (curvature_estimate(shape, training, curvature, setup=Setup(n, "fsdp")) for n in (2, 4))
+    assert two - four == pytest.approx((4 * shape.params() + 9 * 4 * shape.params()) / 4, rel=1e-12)
+    one = curvature_estimate(shape, training, curvature)
+    assert curvature_estimate(shape, training, curvature, setup=Setup(8, "ddp")) == one
+    assert four < one / 2  # no double-backward graph, 1/4 of the weights and vectors
+    with_basis = CurvatureConfig(micro_batch=2, subsets=4, max_iter=10, basis_budget=2**50)
+    gap = (curvature_estimate(shape, training, with_basis, setup=Setup(4, "fsdp")) -
+           curvature_estimate(shape, training, curvature, setup=Setup(4, "fsdp")))
+    assert gap == pytest.approx(4 * shape.params() * 10 / 4, rel=1e-12)
+
+
 def test_memory_sizes():
     assert memory_size("80GiB") == 80 * 2**30 and memory_size("80 GB") == 80e9 and memory_size("40g") == 40 * 2**30
 

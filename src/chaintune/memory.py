@@ -254,33 +254,42 @@ def _largest_tensor(shape: ModelShape, training: TrainingConfig) -> int:
 
 
 def curvature_estimate(shape: ModelShape, training: TrainingConfig, curvature: CurvatureConfig,
-                       seq: int = 512, answer_tokens: int = ANSWER_TOKENS) -> float:
-    """Peak bytes of the Hessian-vector products after a stage (one device, fp32, eager attention: double backward).
+                       seq: int = 512, answer_tokens: int = ANSWER_TOKENS, setup: Setup | None = None) -> float:
+    """Per-device peak bytes of the Hessian-vector products after a stage (fp32, eager attention).
 
-    Weights 4P; the solver's vectors: 6 × 4P_t (Lanczos' three, the product, its start vector, one temporary),
-    + max_iter × 4P_t for the re-orthogonalised basis when topk > 1 or, with ≥ 2 subsets, when it fits in
-    basis_budget (λ_max's vector, `curvature.lanczos`); the first-order gradients with their graph
-    (4P_t); per micro-batch, the forward's saved activations, the backward-with-graph's as many again, and one
-    more layer in the second backward; plus `graph_budget` bytes of kept graphs.
+    One device or `ddp` (exact HVPs, double backward): weights 4P; the solver's vectors: 6 × 4P_t (Lanczos' three,
+    the product, its start vector, one temporary), + max_iter × 4P_t for the re-orthogonalised basis when topk > 1
+    or, with ≥ 2 subsets, when it fits in basis_budget (λ_max's vector, `curvature.lanczos`); the first-order
+    gradients with their graph (4P_t); per micro-batch, the forward's saved activations, the backward-with-graph's
+    as many again, and one more layer in the second backward; plus `graph_budget` bytes of kept graphs.
+    `fsdp` on N > 1 devices (`distributed.ShardedHessianOperator`: finite differences of sharded gradients, no
+    graph kept): weights 4P/N plus the gathered units in fp32 (two layers, the embedding/head); the vectors, the
+    saved parameter shards and the two gradients (6 + 1 + 2) × 4P_t/N (+ the basis / N); one micro-batch's forward
+    and first-order backward.
     """
     pt = _trainable(shape, training)
     tokens = curvature.micro_batch * seq
     layer = layer_activation_bytes(shape, tokens, seq, training, "fp32", "eager")
     head = _head_bytes(shape, tokens, curvature.micro_batch * answer_tokens, "fp32", training)
-    graph = 2 * (shape.layers * layer + head) + layer
     basis = FP32 * pt * curvature.max_iter
     kept = curvature.topk > 1 or (curvature.subsets > 1 and basis <= curvature.basis_budget)
+    if setup is not None and setup.strategy == "fsdp" and setup.devices > 1:
+        n = setup.devices
+        gathered = FP32 * (2 * shape.layer_params() + shape.embedding_params())
+        first_order = shape.layers * layer + head + backward_buffer_bytes(shape, tokens, "fp32")
+        return FP32 * shape.params() / n + gathered + (FP32 * pt * 9 + (basis if kept else 0)) / n + first_order
+    graph = 2 * (shape.layers * layer + head) + layer
     vectors = FP32 * pt * 6 + (basis if kept else 0)
     return FP32 * shape.params() + vectors + FP32 * pt + graph + curvature.graph_budget
 
 
 def stage_estimate(shape: ModelShape, training: TrainingConfig, setup: Setup,
                    curvature: CurvatureConfig | None = None) -> Estimate:
-    """Training under `setup` and, if measured, the curvature after it (always on one device, in fp32)."""
+    """Training under `setup` and, if measured, the curvature after it (fp32; per device, sharded under fsdp)."""
     estimate = training_estimate(shape, training, setup)
     if curvature is None:
         return estimate
-    return replace(estimate, curvature=curvature_estimate(shape, training, curvature))
+    return replace(estimate, curvature=curvature_estimate(shape, training, curvature, setup=setup))
 
 
 def candidate_setups(batch_size: int, max_devices: int, precision: Precision) -> Iterator[Setup]:
@@ -299,7 +308,7 @@ def candidate_setups(batch_size: int, max_devices: int, precision: Precision) ->
 def smallest_fit(shape: ModelShape, training: TrainingConfig, device_bytes: float, precision: Precision,
                  curvature: CurvatureConfig | None = None, max_devices: int = 1024) -> tuple[Setup, Estimate] | None:
     """The cheapest setup (`candidate_setups` order) whose training peak fits `device_bytes` per device, with its
-    estimate; None when nothing up to `max_devices` fits. The curvature peak (one device) is reported, not fitted."""
+    estimate; None when nothing up to `max_devices` fits. The curvature peak under that setup is reported, not fitted."""
     for setup in candidate_setups(training.batch_size, max_devices, precision):
         estimate = stage_estimate(shape, training, setup, curvature)
         if estimate.peak <= device_bytes:

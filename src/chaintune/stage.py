@@ -57,10 +57,16 @@ def job_done(out: RunDir, job: Job) -> bool:
 
 
 def curvature_done(out: RunDir, name: str, cc) -> bool:
-    """λ_max of node `name` is stored with the curvature settings `cc` asks for (a record without settings, from
-    before they were stored, is taken as it is); other settings: not done, so it is measured again."""
+    """λ_max of node `name` is stored with the curvature settings `cc` asks for; other settings: not done, so it is
+    measured again. A record without settings (from before they were stored) counts when it holds one subset's
+    largest-magnitude λ_max and `cc` asks for that: the pooled estimator of one subset is the same number; its
+    subsets' mean (several subsets) is not."""
     stored = out.curvature(name)
-    return stored is not None and (stored.get("settings") is None or stored["settings"] == cc.identity())
+    if stored is None:
+        return False
+    if stored.get("settings") is None:
+        return not stored.get("lambda_max_subsets") and cc.subsets == 1 and cc.eigenvalue == "magnitude"
+    return stored["settings"] == cc.identity()
 
 
 def allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
