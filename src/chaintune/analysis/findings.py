@@ -157,8 +157,7 @@ def findings(runs: list[RunData], tables: dict[str, pd.DataFrame] | None = None)
                            for c in r.metrics.get("curvature", []) if c.get("unstable")})
         if unstable:
             out["Does first-stage curvature predict forgetting?"].append(
-                f"λ_max is unstable (its interval from the example subsets spans 0 or its ends differ beyond "
-                f"curvature.disagreement) for: "
+                f"λ_max is unstable (its interval spans 0 or its ends differ beyond curvature.disagreement) for: "
                 f"{', '.join(unstable)} — raise curvature.examples before reading these points.")
     replay = tables.get("replay")
     if replay is not None and not replay.empty:
