@@ -7,7 +7,6 @@ import math
 
 import pandas as pd
 import pytest
-import yaml
 
 from chaintune.analysis import load_runs, summary_tables
 from chaintune.analysis.records import export_run

@@ -12,7 +12,6 @@ import yaml
 
 import chaintune
 from chaintune.cli import main
-from chaintune.config import validate_config
 from chaintune.errors import ChaintuneError
 from chaintune.io import file_sha256
 from chaintune.provenance import PACKAGES, data_file_hashes

@@ -176,7 +176,7 @@ def model_card(out: RunDir, cfg: ExperimentConfig, node: Node, runs: list[str], 
         f"Exported by `chaintune export` from `{out.root}`, stage folder `{node.dirname}`"
         f"{' (LoRA adapter)' if adapter else ''}. Runs through this stage: {', '.join(runs) or '—'}.", "",
         load, "", "## Chain", "", _table(lineage_table(out, node)), "",
-        f"## This stage's data and hyper-parameters", "", *data,
+        "## This stage's data and hyper-parameters", "", *data,
         f"- trained {record.steps} optimizer steps, {record.tokens} tokens, seed {record.seed}; quality gate: "
         f"{gate_line}", "", _table(training), "",
         "## Accuracies after this stage (%, log-likelihood multiple choice)", "", _table(accuracy_rows(out, node)), "",
