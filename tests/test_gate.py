@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import chaintune
@@ -320,3 +321,12 @@ def test_curvature_warns_when_subsets_disagree(gated, capsys):
     assert record["settings"]["estimator"] == "pooled"
     warning = "warning: λ_max of"
     assert any(warning in str(line) for line in lines) or warning in capsys.readouterr().out
+    # the findings name each unstable stage once (one run here: a stand-in row for the correlation table)
+    runs = load_runs(out)
+    row = dict(target="F", task="ALL", group="ALL", pearson_r=0.5, pearson_p=0.1, spearman_rho=0.5, spearman_p=0.1,
+               r2=0.25, n=3, first_stages=3)
+    tables = summary_tables(runs) | {"curvature_vs_forgetting": pd.DataFrame([row]),
+                                     "stage_gate": pd.DataFrame()}  # (the tiny stage may miss its gate)
+    (line,) = [x for x in findings(runs, tables)["Does first-stage curvature predict forgetting?"]
+               if x.startswith("λ_max is unstable")]
+    assert f"for: {node} —" in line

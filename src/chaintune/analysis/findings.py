@@ -153,7 +153,7 @@ def findings(runs: list[RunData], tables: dict[str, pd.DataFrame] | None = None)
             "Runs that share a first stage share its λ_max; the p-values treat every run as independent, so read "
             "them against the number of distinct first stages. Pooled rows mix tasks whose λ_max and forgetting "
             "differ by task; the per-task rows are free of that."]
-        unstable = sorted({f"{r.chain} stage {c['stage']} (seed {r.seed})" for r in runs
+        unstable = sorted({r.record.stages[c["stage"]] for r in runs  # a stage shared by runs: named once
                            for c in r.metrics.get("curvature", []) if c.get("unstable")})
         if unstable:
             out["Does first-stage curvature predict forgetting?"].append(
