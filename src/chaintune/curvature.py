@@ -69,6 +69,8 @@ def answer_batches(tokenizer, examples: Sequence[Example], micro_batch: int, max
     index per example, default all 0) and sorted by length there; the part of each micro-batch; each part's number
     of answer tokens."""
     data: list[SFTExample] = tokenize_sft(tokenizer, examples, max_length, "curvature")
+    if not data:
+        raise ValueError("curvature needs at least one example")
     part_of = [0] * len(data) if parts is None else list(parts)
     if len(part_of) != len(data):
         raise ValueError(f"parts has {len(part_of)} entries for {len(data)} examples")
@@ -91,7 +93,7 @@ class HessianOperator:
 
     Per micro-batch, a call runs the forward pass, the gradient with create_graph=True and a second backward. With
     `graph_budget` > 0 (bytes), the first call keeps the first-order graphs of the micro-batches that fit in it
-    (counted as the tensors autograd saves, plus one gradient-sized sum) and later calls run only their second
+    (counted as the tensors autograd saves, plus one gradient-sized sum per part) and later calls run only their second
     backward; the others are recomputed at every call (changed parameters then raise). Use it inside
     `eager_attention(model)`, in eval mode (no dropout: the same H at every call). With `ranks` (a multi-rank job,
     every rank holding the whole model), each rank runs its share of the micro-batches and the products are
