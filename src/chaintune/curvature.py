@@ -85,6 +85,14 @@ def answer_batches(tokenizer, examples: Sequence[Example], micro_batch: int, max
     return batches, batch_part, part_tokens
 
 
+def part_quotients(op, vector: torch.Tensor, product: Callable[[int], torch.Tensor]) -> list[float]:
+    """Each part's Rayleigh quotient vᵀH_k v / vᵀv for an operator with `part_tokens`, `n_tokens` and `dot`, from
+    `product(k)`: the part's share of H·v (its summed loss's Hessian over all parts' token count)."""
+    squared_norm = float(op.dot(vector, vector))
+    return [float(op.dot(vector, product(part))) * op.n_tokens / (tokens * squared_norm)
+            for part, tokens in enumerate(op.part_tokens)]
+
+
 class HessianOperator:
     """v ↦ H v for the mean answer-token cross-entropy over a fixed set of examples (trainable parameters only).
 
@@ -171,7 +179,7 @@ class HessianOperator:
         if self.ranks is not None:
             self.ranks.sum_(start)
         norm = start.norm()
-        return start / norm if norm > 0 else _random_unit(self.dim, stable_seed("lanczos", seed), self.device)
+        return start / norm if norm > 0 else _start(None, self.dim, seed, "lanczos", self.device)
 
     def __call__(self, vector: torch.Tensor) -> torch.Tensor:
         """H·vector for a flat fp32 vector of length `dim` (a new tensor)."""
@@ -184,9 +192,7 @@ class HessianOperator:
     def quadratic_forms(self, vector: torch.Tensor) -> list[float]:
         """Each part's Rayleigh quotient vᵀH_k v / vᵀv, H_k the Hessian of the part's own mean loss (one pass over
         the micro-batches). Their token-weighted mean is vᵀHv / vᵀv."""
-        squared_norm = float(torch.dot(vector, vector))
-        return [float(torch.dot(vector, self._apply(vector, [part]))) * self.n_tokens / (tokens * squared_norm)
-                for part, tokens in enumerate(self.part_tokens)]
+        return part_quotients(self, vector, lambda part: self._apply(vector, [part]))
 
     def _apply(self, vector: torch.Tensor, parts: Sequence[int], may_keep: bool = False) -> torch.Tensor:
         """Σ over the micro-batches of `parts` of their share of H·vector (divided by all parts' token count);
@@ -268,12 +274,6 @@ class Curvature:
     lambda_max_ci_low: float | None = None  # delta-method t-interval from the quotients (`quotient_interval`)
     lambda_max_ci_high: float | None = None
     disagreement: float | None = None  # the interval's far / near end (≥ 1; None without an interval or across 0)
-
-
-def _random_unit(dim: int, seed: int, device: torch.device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(dim, generator=g)
-    return (v / v.norm()).to(device)
 
 
 Dot = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float]

@@ -332,9 +332,10 @@ class ShardedHessianOperator:
 
     def quadratic_forms(self, vector: torch.Tensor) -> list[float]:
         """`HessianOperator.quadratic_forms`: each part's Rayleigh quotient vᵀH_k v / vᵀv (one pass)."""
-        squared_norm = self.dot(vector, vector)
-        return [self.dot(vector, self._product(vector, [i for i, k in enumerate(self.batch_part) if k == part]))
-                * self.n_tokens / (tokens * squared_norm) for part, tokens in enumerate(self.part_tokens)]
+        from chaintune.curvature import part_quotients
+
+        return part_quotients(self, vector, lambda part: self._product(
+            vector, [i for i, k in enumerate(self.batch_part) if k == part]))
 
     def _product(self, vector: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
         """This rank's shard of Σ over the micro-batches `indices` of their share of H·vector."""
