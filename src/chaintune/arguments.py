@@ -21,7 +21,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every command and its arguments; `args.command` names the command to run (`cli.COMMANDS`)."""
+    """Every command and its arguments; `args.command` names the command (`cli.cmd_<command>` runs it)."""
     parser = Parser(prog="chaintune", description="Chained fine-tuning and (biased) forgetting.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks, warnings and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -1,5 +1,5 @@
 """Command-line interface: the commands `chaintune tasks | eval | curvature | plan | run | summarize | report | power |
-export | verify` (their arguments: `arguments.py`) and the one error boundary (`main`)."""
+export | verify` as `cmd_<command>` (their arguments: `arguments.py`) and the one error boundary (`main`)."""
 from __future__ import annotations
 
 import argparse
@@ -374,20 +374,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------- parser
-COMMANDS = {
-    "tasks": cmd_tasks,
-    "eval": cmd_eval,
-    "curvature": cmd_curvature,
-    "run": cmd_run,
-    "plan": cmd_plan,
-    "summarize": cmd_summarize,
-    "report": cmd_report,
-    "power": cmd_power,
-    "export": cmd_export,
-    "verify": cmd_verify}
-
-
 def quiet(debug: bool, progress: bool) -> None:
     """Third-party chatter off unless --debug (warnings, transformers logs), and with --no-progress every progress
     bar: in this process and, through the environment, in the worker processes it starts."""
@@ -410,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
     quiet(args.debug, progress=not getattr(args, "no_progress", False))
     try:
-        return COMMANDS[args.command](args)
+        return globals()[f"cmd_{args.command}"](args)  # each command runs cmd_<command>
     except ChaintuneError as exc:
         if args.debug:
             raise
