@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples per subset (SPEC default 512)")
     p.add_argument("--subsets", type=like_field("config:CurvatureConfig.subsets"), default=1,
                    help="disjoint subsets pooled for λ_max; ≥ 2 give its interval")
+    p.add_argument("--held-out", type=like_field("config:CurvatureConfig.held_out"), default=0,
+                   help="more disjoint subsets whose Rayleigh quotients along the Ritz vector narrow the interval "
+                        "(one HVP per example; needs --subsets ≥ 2)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the subsets and the start vector")
     p.add_argument("--topk", type=like_field("config:CurvatureConfig.topk"), default=1,
                    help="also the top-k eigenvalues by Lanczos when > 1")

@@ -231,13 +231,15 @@ def cmd_curvature(args: argparse.Namespace) -> int:
     if not args.adapter:
         model.requires_grad_(True)
     result = measure_curvature(model, tokenizer, examples, n_examples=args.examples, subsets=args.subsets,
-                               seed=args.seed, topk=args.topk, trace=args.trace, micro_batch=args.micro_batch,
+                               held_out=args.held_out, seed=args.seed, topk=args.topk, trace=args.trace, micro_batch=args.micro_batch,
                                method=args.method, eigenvalue=args.eigenvalue, graph_budget=args.graph_budget_mib * 2**20)
     row = {"task": task, "examples": result.n_examples, "parameters": result.n_parameters, "loss": result.loss,
            "lambda_max": result.lambda_max, "iterations": result.iterations, "converged": result.converged,
            "seconds": result.seconds}
     if result.lambda_max_ci_low is not None:
-        row["95% interval"] = f"[{result.lambda_max_ci_low:.4g}, {result.lambda_max_ci_high:.4g}] ({result.subsets} subsets)"
+        held = f" + {result.held_out} held out" if result.held_out else ""
+        row["95% interval"] = (f"[{result.lambda_max_ci_low:.4g}, {result.lambda_max_ci_high:.4g}] "
+                               f"({result.subsets} subsets{held})")
     if result.topk:
         row["top_k"] = ", ".join(f"{v:.4g}" for v in result.topk)
     if result.trace is not None:

@@ -175,7 +175,8 @@ class QualityGateConfig(Strict):
 
 
 CURVATURE_ESTIMATOR = "pooled"  # λ_max of the subsets' pooled Hessian, interval from their quotients (stored with
-# each λ_max: records measured by the earlier subset-mean estimator are measured again)
+# each λ_max: records measured by the earlier subset-mean estimator are measured again); with held-out subsets "split"
+SPLIT_ESTIMATOR = "split"  # the mean of the search subsets' pooled value and the held-out subsets' quotient
 
 
 class CurvatureConfig(Strict):
@@ -185,6 +186,9 @@ class CurvatureConfig(Strict):
     examples: int = Field(512, ge=1, le=10**6, description="examples per subset, from the stage's training data")
     subsets: int = Field(4, ge=1, le=64, description="disjoint example subsets, pooled for λ_max; their Rayleigh "
                                                      "quotients give its interval")
+    held_out: int = Field(0, ge=0, le=4096,
+                          description="more disjoint subsets, not in the eigen-solve: their Rayleigh quotients along its "
+                                      "vector narrow λ_max's interval at one HVP per example (0, or ≥ 2 with subsets ≥ 2)")
     disagreement: float = Field(2.0, gt=1, le=1e6,
                                 description="warn when λ_max's interval's far / near end exceed this ratio (or span 0)")
     topk: int = Field(1, ge=1, le=100, description="eigenvalues by Lanczos when > 1")
@@ -205,6 +209,8 @@ class CurvatureConfig(Strict):
         """The settings that determine a stored λ_max (not micro_batch / graph_budget / basis_budget: memory only)."""
         keys = {"examples", "subsets", "topk", "tol", "max_iter", "method", "eigenvalue", "trace"} | (
             {"trace_samples"} if self.trace else set())
+        if self.held_out:
+            return self.model_dump(include=keys | {"held_out"}) | {"estimator": SPLIT_ESTIMATOR}
         return self.model_dump(include=keys) | {"estimator": CURVATURE_ESTIMATOR}
 
     @model_validator(mode="after")
@@ -212,6 +218,9 @@ class CurvatureConfig(Strict):
         if self.method == "power" and self.eigenvalue != "magnitude":
             raise ValueError("curvature.eigenvalue: largest needs method: lanczos (power iteration finds the "
                              "largest-magnitude eigenvalue)")
+        if self.held_out and (self.held_out < 2 or self.subsets < 2):
+            raise ValueError(f"curvature.held_out: {self.held_out} with subsets: {self.subsets} gives no interval; "
+                             "use held_out: 0, or held_out ≥ 2 with subsets ≥ 2")
         return self
 
     def wants(self, stage_index: int, stage: "Stage") -> bool:

@@ -268,9 +268,11 @@ class Curvature:
     hvp_calls: int = 0
     method: str = "lanczos"
     eigenvalue: str = "magnitude"  # which end of the spectrum λ_max is: largest magnitude or algebraically largest
-    subsets: int = 1
-    lambda_max_subsets: list[float] = field(default_factory=list)  # each subset's Rayleigh quotient along the pooled
-    # eigenvector (≥ 2 subsets): its estimate of λ_max to first order
+    subsets: int = 1  # search subsets: the eigen-solve's sample
+    held_out: int = 0  # held-out subsets: only their Rayleigh quotients along the Ritz vector
+    lambda_max_search: float | None = None  # with held-out subsets: the search subsets' pooled Ritz value
+    lambda_max_subsets: list[float] = field(default_factory=list)  # each subset's Rayleigh quotient along the Ritz
+    # vector (≥ 2 search subsets; search subsets first): its estimate of λ_max to first order
     lambda_max_ci_low: float | None = None  # delta-method t-interval from the quotients (`quotient_interval`)
     lambda_max_ci_high: float | None = None
     disagreement: float | None = None  # the interval's far / near end (≥ 1; None without an interval or across 0)
@@ -428,39 +430,67 @@ def disjoint_subsets(examples: Sequence[Example], n_examples: int, subsets: int,
     return [[pool[i] for i in sorted(order[k::subsets])] for k in range(subsets)]  # round robin within groups
 
 
-def quotient_interval(quotients: Sequence[float], tokens: Sequence[float],
-                      confidence: float = 0.95) -> tuple[float, float] | tuple[None, None]:
-    """Delta-method t-interval (K − 1 df) of the pooled λ_max from its K disjoint parts' Rayleigh quotients r_k along
-    the pooled eigenvector, weighted by their answer-token counts t_k: λ = Σ t_k r_k / Σ t_k, a ratio estimator with
-    se² = Σ z_k² / (K (K − 1)), z_k = t_k (r_k − λ) / mean(t). To first order a perturbation of H moves its top
-    eigenvalue by vᵀ(ΔH)v, the eigenvector's own error entering at second order, so the parts' spread along the
-    fixed vector is the estimator's sampling spread. (None, None) below 2 parts."""
-    from scipy import stats
-
+def _ratio(quotients: Sequence[float], tokens: Sequence[float]) -> tuple[float, float, int]:
+    """Token-weighted ratio estimate Σ t_k r_k / Σ t_k of K independent parts' quotients r_k, its delta-method
+    variance Σ z_k² / (K (K − 1)), z_k = t_k (r_k − λ) / mean(t), and its degrees of freedom K − 1."""
     r, t = np.asarray(quotients, dtype=float), np.asarray(tokens, dtype=float)
-    if r.size < 2:
-        return None, None
     value = float((t * r).sum() / t.sum())
     z = t * (r - value) / t.mean()
-    half = float(stats.t.ppf(0.5 + confidence / 2, r.size - 1)) * math.sqrt(float((z ** 2).sum()) / (r.size * (r.size - 1)))
-    return value - half, value + half
+    return value, float((z ** 2).sum()) / (r.size * (r.size - 1)), r.size - 1
+
+
+def quotient_interval(quotients: Sequence[float], tokens: Sequence[float], held_out: int = 0,
+                      confidence: float = 0.95) -> tuple[float, float | None, float | None]:
+    """(λ_max, low, high) from disjoint parts' Rayleigh quotients r_k along the Ritz vector, weighted by their
+    answer-token counts t_k; (λ, None, None) when a side has fewer than 2 parts.
+
+    `held_out` = 0: every part was in the Lanczos run, λ = Σ t_k r_k / Σ t_k (the pooled Ritz value) with a t
+    interval of K − 1 df (`_ratio`). To first order a perturbation of H moves its top eigenvalue by vᵀ(ΔH)v, the
+    eigenvector's own error entering at second order, so the parts' spread along the fixed vector is the
+    estimator's sampling spread.
+    `held_out` = H > 0: the last H parts were not in the Lanczos run. λ = (λ_search + λ_held)/2, the two sides'
+    ratio estimates: the search side's value is biased up by the eigenvector's fit to its own noise, the held-out
+    side's down by the same second-order amount (vᵀHv < λ_max), so their mean cancels it. se² = (se_s² + se_h²)/4,
+    Welch–Satterthwaite degrees of freedom."""
+    from scipy import stats
+
+    if held_out < 0 or held_out > len(quotients):
+        raise ValueError(f"held_out must be in [0, {len(quotients)}], not {held_out}")
+    split = len(quotients) - held_out
+    if held_out == 0:
+        if split < 2:
+            return float(np.average(quotients, weights=tokens)), None, None
+        value, var, df = _ratio(quotients, tokens)
+    else:
+        if split < 2 or held_out < 2:
+            raise ValueError("a split estimate needs ≥ 2 search and ≥ 2 held-out parts")
+        (a, var_a, df_a), (b, var_b, df_b) = _ratio(quotients[:split], tokens[:split]), _ratio(quotients[split:],
+                                                                                               tokens[split:])
+        value, var = (a + b) / 2, (var_a + var_b) / 4
+        df = (var_a + var_b) ** 2 / (var_a ** 2 / df_a + var_b ** 2 / df_b) if var_a + var_b > 0 else df_a + df_b
+    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * math.sqrt(var)
+    return value, value - half, value + half
 
 
 def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_examples: int = 512, subsets: int = 1,
-                      seed: int = 0, topk: int = 1, trace: bool = False, trace_samples: int = 50, micro_batch: int = 8,
-                      tol: float = 1e-3, max_iter: int = 100, method: str = "lanczos", eigenvalue: str = "magnitude",
-                      graph_budget: float = 0, basis_budget: float = 2**30, ranks: Ranks | None = None) -> Curvature:
+                      held_out: int = 0, seed: int = 0, topk: int = 1, trace: bool = False, trace_samples: int = 50,
+                      micro_batch: int = 8, tol: float = 1e-3, max_iter: int = 100, method: str = "lanczos",
+                      eigenvalue: str = "magnitude", graph_budget: float = 0, basis_budget: float = 2**30,
+                      ranks: Ranks | None = None) -> Curvature:
     """λ_max (and optionally top-k eigenvalues and the trace) of the Hessian of the mean training loss over a seeded
     sample of `examples`, w.r.t. the model's trainable parameters, in fp32.
 
-    The sample is `subsets` disjoint, group-stratified subsets of `n_examples` each (`disjoint_subsets`); λ_max is
-    that of their pooled Hessian (one eigen-solve over all of them), and with ≥ 2 subsets each subset's Rayleigh
-    quotient along the pooled eigenvector gives its interval (`quotient_interval`), whose far / near end ratio is how
-    much the subsets disagree (`disagreement`). `method`: "lanczos" (default, fewer HVPs) or "power",
-    both from `HessianOperator.start_vector`; `eigenvalue`: "magnitude" (SPEC §6) or "largest" (algebraically,
-    Lanczos only). Top-k come from a second, re-orthogonalised Lanczos run from a seeded random vector; the trace from
-    Hutchinson's estimator, both over the pooled sample. `graph_budget`: bytes of first-order graphs the operator may
-    keep between HVPs (0: recompute them; see docs/curvature.md); `basis_budget`: bytes of Lanczos basis kept for the
+    The sample is `subsets` + `held_out` disjoint, group-stratified subsets of `n_examples` each
+    (`disjoint_subsets`). The eigen-solve runs on the pooled Hessian of the first `subsets` (the search subsets);
+    with ≥ 2 of them each subset's Rayleigh quotient along the Ritz vector gives λ_max's interval, and with
+    `held_out` ≥ 2 the held-out subsets' quotients (one more pass over them) enter as well (`quotient_interval`:
+    without held-out subsets λ_max is the pooled Ritz value; with them, the mean of the two sides' estimates, whose
+    second-order biases cancel). The interval's far / near end ratio is how much the subsets disagree
+    (`disagreement`). `method`: "lanczos" (default, fewer HVPs) or "power", both from
+    `HessianOperator.start_vector`; `eigenvalue`: "magnitude" (SPEC §6) or "largest" (algebraically, Lanczos only).
+    Top-k come from a second, re-orthogonalised Lanczos run from a seeded random vector; the trace from Hutchinson's
+    estimator, both over the search subsets. `graph_budget`: bytes of first-order graphs the operator may keep
+    between HVPs (0: recompute them; see docs/curvature.md); `basis_budget`: bytes of Lanczos basis kept for the
     eigenvector (`lanczos`). `ranks`: data-parallel HVPs (`HessianOperator`), the same result on every rank; under
     `fsdp`, `model` is `distributed.shard_for_curvature`'s and the vectors are each rank's shards
     (`ShardedHessianOperator`: finite-difference HVPs, no graph kept)."""
@@ -469,20 +499,27 @@ def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_exampl
     if eigenvalue not in WHICH or (method == "power" and eigenvalue != "magnitude"):
         raise ChaintuneError(f"curvature eigenvalue '{eigenvalue}' is not available with method '{method}'",
                              "use eigenvalue: magnitude, or method: lanczos for eigenvalue: largest")
-    parts = disjoint_subsets(examples, n_examples, subsets, seed)
-    several = len(parts) > 1
+    if held_out and (held_out < 2 or subsets < 2):
+        raise ChaintuneError(f"curvature with {held_out} held-out subset(s) and {subsets} search subset(s) has no "
+                             "interval", "use held_out: 0, or ≥ 2 of each")
+    parts = disjoint_subsets(examples, n_examples, subsets + held_out, seed)
+    search, held = parts[:subsets], parts[subsets:]
+    several = subsets > 1
     original_dtype = next(model.parameters()).dtype
     if {p.dtype for p in model.parameters()} != {torch.float32}:
         model.float()  # HVPs in fp32 even when training used bf16; restored below
     start = time.perf_counter()
     was_training = model.training
     model.eval()
+    operator = ShardedHessianOperator if ranks is not None and ranks.strategy == "fsdp" else HessianOperator
+
+    def build(group: list[list[Example]]):
+        return operator(model, tokenizer, [e for part in group for e in part], micro_batch=micro_batch,
+                        graph_budget=graph_budget, ranks=ranks, parts=[k for k, part in enumerate(group) for _ in part])
+
     try:
         with eager_attention(model):
-            sharded = ranks is not None and ranks.strategy == "fsdp"
-            op = (ShardedHessianOperator if sharded else HessianOperator)(
-                model, tokenizer, [e for part in parts for e in part], micro_batch=micro_batch,
-                graph_budget=graph_budget, ranks=ranks, parts=[k for k, part in enumerate(parts) for _ in part])
+            op = build(search)
             v0 = op.start_vector(seed)
             if method == "lanczos":
                 found = lanczos(op, op.dim, op.device, 1, seed, tol, max_iter, start=v0, which=eigenvalue,
@@ -496,19 +533,28 @@ def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_exampl
                           size=op.size).topk if topk > 1 else []
             trace_mean, trace_se = (hutchinson_trace(op, op.dim, op.device, trace_samples, op.vector_seed(seed),
                                                      dot=op.dot) if trace else (None, None))
-            loss, size, part_tokens = op.loss(), op.size, op.part_tokens
+            loss, size, part_tokens = op.loss(), op.size, list(op.part_tokens)
             hvp_calls = op.calls + (1 if several else 0)  # the quotients cost one more pass
-            value, converged = found.value, found.converged
+            value, converged, vector = found.value, found.converged, found.vector
             del op, found, v0  # the kept graphs and vectors go, and the freed memory back to the OS
+            release_freed_memory()
+            if held:
+                op = build(held)
+                quotients += op.quadratic_forms(vector)
+                part_tokens += op.part_tokens
+                hvp_calls += 1
+                del op
+            del vector
             release_freed_memory()
     finally:
         model.train(was_training)
         if original_dtype != torch.float32:
             model.to(original_dtype)
-    low, high = quotient_interval(quotients, part_tokens)
+    estimate, low, high = quotient_interval(quotients, part_tokens, held_out) if several else (value, None, None)
     return Curvature(
-        lambda_max=value, iterations=iterations, converged=converged, topk=top, trace=trace_mean,
-        trace_std_error=trace_se, n_examples=sum(len(part) for part in parts), n_parameters=size, loss=loss,
-        seconds=time.perf_counter() - start, hvp_calls=hvp_calls, method=method, eigenvalue=eigenvalue,
-        subsets=len(parts), lambda_max_subsets=quotients, lambda_max_ci_low=low, lambda_max_ci_high=high,
+        lambda_max=estimate if held else value, iterations=iterations, converged=converged, topk=top,
+        trace=trace_mean, trace_std_error=trace_se, n_examples=sum(len(part) for part in parts), n_parameters=size,
+        loss=loss, seconds=time.perf_counter() - start, hvp_calls=hvp_calls, method=method, eigenvalue=eigenvalue,
+        subsets=len(search), held_out=len(held), lambda_max_search=value if held else None,
+        lambda_max_subsets=quotients, lambda_max_ci_low=low, lambda_max_ci_high=high,
         disagreement=None if low is None or low * high <= 0 else max(abs(low), abs(high)) / min(abs(low), abs(high)))

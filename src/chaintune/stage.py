@@ -354,7 +354,7 @@ class StageExecutor:
         if sharded:
             model = shard_for_curvature(model)
         result = measure_curvature(model, cache.tokenizer, node_examples(self.out, job.settings, node),
-                                   n_examples=cc.examples, subsets=cc.subsets, seed=node.seed, topk=cc.topk, trace=cc.trace,
+                                   n_examples=cc.examples, subsets=cc.subsets, held_out=cc.held_out, seed=node.seed, topk=cc.topk, trace=cc.trace,
                                    trace_samples=cc.trace_samples, micro_batch=cc.micro_batch, tol=cc.tol,
                                    max_iter=cc.max_iter, method=cc.method, eigenvalue=cc.eigenvalue,
                                    graph_budget=cc.graph_budget, basis_budget=cc.basis_budget,
@@ -371,6 +371,7 @@ class StageExecutor:
                               CurvatureRecord(stage=node.index, task=node.stage.task, **vars(result), unstable=unstable,
                                               settings=cc.identity()))
         interval = (f" [{result.lambda_max_ci_low:.4g}, {result.lambda_max_ci_high:.4g}] from {result.subsets} subsets"
+                    f"{f' + {result.held_out} held out' if result.held_out else ''}"
                     if result.lambda_max_ci_low is not None else "")
         self.echo(f"  curvature {node.dirname}: λ_max {result.lambda_max:.4g}{interval} ({result.iterations} "
                   f"iterations{'' if result.converged else ', not converged'}, {result.seconds:.0f}s)"
@@ -378,8 +379,8 @@ class StageExecutor:
         if unstable:
             ratio = ("spans 0" if result.disagreement is None else
                      f"ends differ by a factor {result.disagreement:.2f} (> {cc.disagreement:g})")
-            self.echo(f"  warning: λ_max of {node.dirname} is not stable at {cc.examples} × {result.subsets} examples: "
-                      f"its interval {ratio} — raise curvature.examples or subsets")
+            self.echo(f"  warning: λ_max of {node.dirname} is not stable at {cc.examples} × {result.subsets + result.held_out} examples: "
+                      f"its interval {ratio} — raise curvature.examples, subsets or held_out")
 
 
 _PROCESS: dict[str, StageExecutor] = {}  # this process's executor: consecutive jobs reuse the loaded model
