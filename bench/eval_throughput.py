@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chaintune  # noqa: E402,F401  (before torch: chaintune.runtime's process settings)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bound import RateSamples, Shapes, packed_eval_flops, verdict  # noqa: E402
+from bound import RateSamples, Shapes, causal_keys, forward_flops, packed_eval_flops, verdict  # noqa: E402
 from lm_eval_parity import lm_eval_scores, make_hflm  # noqa: E402
 from train_throughput import busy_process  # noqa: E402
 
@@ -36,15 +36,19 @@ from chaintune.tasks import load_task  # noqa: E402
 TARGET_RATIO, TARGET_BOUND = 3.0, 0.85
 
 
-def useful_flops(model, tokenizer, examples) -> float:
-    """FLOPs of scoring `examples` with each context computed once (bench/bound.py, packed_eval_flops)."""
+def useful_flops(model, tokenizer, examples) -> tuple[float, float]:
+    """FLOPs of scoring `examples` with each context computed once (bench/bound.py, packed_eval_flops), and those
+    lm-eval's way of scoring computes: each choice with its own copy of the context, the LM head on every position."""
     shapes = Shapes.of(model.config)
     max_length = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-    total = 0.0
+    useful = peer = 0.0
     for i, ex in enumerate(examples):
         q = pack_question(i, tokenizer, ex, max_length)
-        total += packed_eval_flops(shapes, q.context_len, [end - start for start, end in q.spans])
-    return total
+        choices = [end - start for start, end in q.spans]
+        useful += packed_eval_flops(shapes, q.context_len, choices)
+        peer += sum(forward_flops(shapes, q.context_len + c, causal_keys(q.context_len + c), q.context_len + c)
+                    for c in choices)
+    return useful, peer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     lm = make_hflm(model, tokenizer, args.batch_size) if "lm-eval" in args.tools else None
     hflm_init_s = time.perf_counter() - t
-    flops = useful_flops(model, tokenizer, examples)
+    flops, peer_flops = useful_flops(model, tokenizer, examples)
 
     rates, runs, scores = RateSamples(), {tool: [] for tool in args.tools}, {}
     busy = busy_process() if args.contend else None
@@ -110,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         median = statistics.median(ratios)
         print(f"speed-up chaintune / lm-eval per pair: {', '.join(f'{x:.2f}×' for x in ratios)}; median {median:.2f}× "
               f"(target ≥ {TARGET_RATIO:.1f}×: {'met' if median >= TARGET_RATIO else 'NOT met'})")
+        print(f"FLOPs, lm-eval's scoring / chaintune's: {peer_flops / flops:.2f} (the speed-up both would reach at the "
+              f"same FLOP/s); chaintune's FLOP/s / lm-eval's: {median * flops / peer_flops:.2f}; the target needs "
+              f"{TARGET_RATIO * flops / peer_flops:.2f}")
         ours, theirs = scores["chaintune"], scores["lm-eval"]
         max_delta = max(abs(a - b) for o, r in zip(ours, theirs) for a, b in zip(o, r))
         print(f"sanity: max |Δ loglik| = {max_delta:.2e} nats; acc agree = "

@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
                 shapes = Shapes.of(model.config)
                 run["flops"] = training_flops(shapes, run["lengths"], run["answers"], args.method, cfg.lora.r,
                                               cfg.lora.target_modules)
+                # what the tool computes: HF Trainer runs the LM head on every position, chaintune on answers only
+                run["work"] = run["flops"] if tool == "chaintune" else training_flops(
+                    shapes, run["lengths"], sum(run["lengths"]), args.method, cfg.lora.r, cfg.lora.target_modules)
                 run["rate"] = rate
                 runs[tool].append(run)
                 del model
@@ -148,6 +151,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ratio chaintune / HF Trainer per pair: {', '.join(f'{x:.2f}×' for x in ratios)}; median "
               f"{statistics.median(ratios):.2f}× (target ≥ {TARGET_RATIO:.1f}×: "
               f"{'met' if statistics.median(ratios) >= TARGET_RATIO else 'NOT met'})")
+        work = statistics.median((b["work"] / b["tokens"]) / (a["work"] / a["tokens"])
+                                 for a, b in zip(ours, runs["hf_trainer"]))
+        efficiency = statistics.median((a["work"] / a["seconds"]) / (b["work"] / b["seconds"])
+                                       for a, b in zip(ours, runs["hf_trainer"]))
+        print(f"FLOPs per token, HF Trainer / chaintune: {work:.2f} (the ratio both would reach at the same FLOP/s); "
+              f"chaintune's FLOP/s / HF Trainer's: {efficiency:.2f}; the target needs {TARGET_RATIO / work:.2f}")
 
 
 if __name__ == "__main__":

@@ -50,10 +50,10 @@ def main(model_dir: str, data: str, out: str) -> None:
         record = {"curve": result.curve}
         if strategy == "fsdp" and spec.get("curvature"):  # what StageExecutor.measure_curvature does under fsdp
             sharded = shard_for_curvature(gather_weights(model, mine))
-            curvature = measure_curvature(sharded, tokenizer, examples, n_examples=6, subsets=2, micro_batch=2,
-                                          seed=0, ranks=mine)
+            curvature = measure_curvature(sharded, tokenizer, examples, n_examples=3, subsets=2, held_out=2,
+                                          micro_batch=2, seed=0, ranks=mine)
             record |= {"lambda_max": curvature.lambda_max, "loss": curvature.loss, "size": curvature.n_parameters,
-                       "quotients": curvature.lambda_max_subsets,
+                       "quotients": curvature.lambda_max_subsets, "search": curvature.lambda_max_search,
                        "dims": mine.gather([ShardedHessianOperator(sharded, tokenizer, examples[:1], ranks=mine).dim])}
         model = gather_weights(model, mine)
         if cfg.method == "lora":

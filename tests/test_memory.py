@@ -91,6 +91,19 @@ def test_sharded_curvature_divides_the_weights_and_vectors_by_the_devices():
     assert gap == pytest.approx(4 * shape.params() * 10 / 4, rel=1e-12)
 
 
+def test_hvp_estimate_counts_five_attention_maps_per_head_and_layer():
+    """One device: the s × s part of the HVP peak is micro-batch × heads × 4 B × s² × (5L + 1) — the forward's
+    probabilities twice (forward and backward-with-graph), 3 more per layer in the backward-with-graph
+    (EAGER_BACKWARD_SCORES) and one layer of the second backward — so the second difference in s is twice that:
+    Llama-3.2-1B (32 heads, 16 layers), micro-batch 2, s = 100: 2 · 2·32·4·81 · 100² = 414,720,000 bytes."""
+    from chaintune.memory import curvature_estimate
+
+    shape = KNOWN_SHAPES["meta-llama/Llama-3.2-1B"]
+    training, curvature = TrainingConfig(), CurvatureConfig(micro_batch=2, subsets=1)
+    at = [curvature_estimate(shape, training, curvature, seq=s) for s in (100, 200, 300)]
+    assert at[2] - 2 * at[1] + at[0] == pytest.approx(414_720_000, rel=1e-9)
+
+
 def test_memory_sizes():
     assert memory_size("80GiB") == 80 * 2**30 and memory_size("80 GB") == 80e9 and memory_size("40g") == 40 * 2**30
 

@@ -23,6 +23,7 @@ Strategy = Literal["ddp", "fsdp"]
 FP32 = 4
 BF16 = 2
 ANSWER_TOKENS = 8  # answer tokens per example assumed by the plan (MCQ answers are 1-8 tokens): logits are that × V
+EAGER_BACKWARD_SCORES = 3  # s × s tensors per head and layer that an HVP's backward-with-graph adds (bench/memory_plan.py)
 ATTENTION_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -261,7 +262,8 @@ def curvature_estimate(shape: ModelShape, training: TrainingConfig, curvature: C
     the product, its start vector, one temporary), + max_iter × 4P_t for the re-orthogonalised basis when topk > 1
     or, with ≥ 2 subsets, when it fits in basis_budget (λ_max's vector, `curvature.lanczos`); the first-order
     gradients with their graph (4P_t); per micro-batch, the forward's saved activations, the backward-with-graph's
-    as many again, and one more layer in the second backward; plus `graph_budget` bytes of kept graphs.
+    as many again plus `EAGER_BACKWARD_SCORES` more s × s attention tensors per head and layer, and one more layer in
+    the second backward; plus `graph_budget` bytes of kept graphs.
     `fsdp` on N > 1 devices (`distributed.ShardedHessianOperator`: finite differences of sharded gradients, no
     graph kept): weights 4P/N plus the gathered units in fp32 (two layers, the embedding/head); the vectors, the
     saved parameter shards and the two gradients (6 + 1 + 2) × 4P_t/N (+ the basis / N); one micro-batch's forward
@@ -278,7 +280,10 @@ def curvature_estimate(shape: ModelShape, training: TrainingConfig, curvature: C
         gathered = FP32 * (2 * shape.layer_params() + shape.embedding_params())
         first_order = shape.layers * layer + head + backward_buffer_bytes(shape, tokens, "fp32")
         return FP32 * shape.params() / n + gathered + (FP32 * pt * 9 + (basis if kept else 0)) / n + first_order
-    graph = 2 * (shape.layers * layer + head) + layer
+    # the backward-with-graph keeps, per head and layer, three s × s tensors beyond the forward's probabilities (the
+    # probabilities' gradient, the softmax backward's output and its scaled copy that the q·kᵀ product's graph saves)
+    scores_grad = shape.layers * tokens * EAGER_BACKWARD_SCORES * shape.heads * seq * FP32
+    graph = 2 * (shape.layers * layer + head) + layer + scores_grad
     vectors = FP32 * pt * 6 + (basis if kept else 0)
     return FP32 * shape.params() + vectors + FP32 * pt + graph + curvature.graph_budget
 

@@ -131,7 +131,8 @@ class EvalRecord(Record):
 class CurvatureRecord(Record):
     stage: int
     task: str
-    lambda_max: float  # of the pooled subsets' Hessian (settings["estimator"] "pooled"; earlier: the subsets' mean)
+    lambda_max: float  # of the pooled subsets' Hessian (settings["estimator"] "pooled"; "split": the mean of that and
+    # the held-out subsets' quotient; earlier records: the subsets' mean)
     unstable: bool = False  # λ_max's interval spans 0 or its ends differ by more than curvature.disagreement
     settings: dict[str, Any] | None = None  # CurvatureConfig.identity() that measured it (None: older records)
 
