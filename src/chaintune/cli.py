@@ -231,8 +231,9 @@ def cmd_curvature(args: argparse.Namespace) -> int:
     if not args.adapter:
         model.requires_grad_(True)
     result = measure_curvature(model, tokenizer, examples, n_examples=args.examples, subsets=args.subsets,
-                               held_out=args.held_out, seed=args.seed, topk=args.topk, trace=args.trace, micro_batch=args.micro_batch,
-                               method=args.method, eigenvalue=args.eigenvalue, graph_budget=args.graph_budget_mib * 2**20)
+                               held_out=args.held_out, seed=args.seed, topk=args.topk, trace=args.trace,
+                               micro_batch=args.micro_batch, method=args.method, eigenvalue=args.eigenvalue,
+                               graph_budget=args.graph_budget_mib * 2**20)
     row = {"task": task, "examples": result.n_examples, "parameters": result.n_parameters, "loss": result.loss,
            "lambda_max": result.lambda_max, "iterations": result.iterations, "converged": result.converged,
            "seconds": result.seconds}

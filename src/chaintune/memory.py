@@ -280,8 +280,8 @@ def curvature_estimate(shape: ModelShape, training: TrainingConfig, curvature: C
         gathered = FP32 * (2 * shape.layer_params() + shape.embedding_params())
         first_order = shape.layers * layer + head + backward_buffer_bytes(shape, tokens, "fp32")
         return FP32 * shape.params() / n + gathered + (FP32 * pt * 9 + (basis if kept else 0)) / n + first_order
-    # the backward-with-graph keeps, per head and layer, three s × s tensors beyond the forward's probabilities (the
-    # probabilities' gradient, the softmax backward's output and its scaled copy that the q·kᵀ product's graph saves)
+    # the backward-with-graph keeps s × s tensors of the softmax's and q·kᵀ's backward for the second backward: 3 per
+    # head and layer beyond the forward's probabilities, fitted to the measured peaks (bench/memory_plan.py tiny-hvp)
     scores_grad = shape.layers * tokens * EAGER_BACKWARD_SCORES * shape.heads * seq * FP32
     graph = 2 * (shape.layers * layer + head) + layer + scores_grad
     vectors = FP32 * pt * 6 + (basis if kept else 0)
