@@ -103,6 +103,20 @@ def test_curvature_command(capsys, tmp_path, tiny_model_dir, real_data_dir):
     assert result["method"] == "lanczos"
 
 
+def test_curvature_command_with_held_out_subsets(capsys, tmp_path, tiny_model_dir, real_data_dir):
+    out_file = tmp_path / "c.json"
+    code, out, _ = run_cli(capsys, "curvature", "--model", str(tiny_model_dir), "--task", "toxigenqa",
+                           "--examples", "3", "--subsets", "2", "--held-out", "2", "--data-dir", str(real_data_dir),
+                           "--output", str(out_file))
+    assert code == 0 and "(2 subsets + 2 held out)" in out
+    result = json.loads(out_file.read_text())
+    assert result["n_examples"] == 12 and result["held_out"] == 2 and len(result["lambda_max_subsets"]) == 4
+    assert result["lambda_max_ci_low"] < result["lambda_max"] < result["lambda_max_ci_high"]
+    code, _, err = run_cli(capsys, "curvature", "--model", str(tiny_model_dir), "--task", "toxigenqa",
+                           "--examples", "3", "--held-out", "2", "--data-dir", str(real_data_dir))
+    assert code != 0 and "held-out" in err and "Traceback" not in err
+
+
 def test_curvature_command_power_method_agrees_with_lanczos(capsys, tmp_path, tiny_model_dir, real_data_dir):
     results = {}
     for method in ("lanczos", "power"):
