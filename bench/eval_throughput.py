@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chaintune  # noqa: E402,F401  (before torch: chaintune.runtime's process settings)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bound import RateSamples, Shapes, causal_keys, forward_flops, packed_eval_flops, verdict  # noqa: E402
+from bound import (RateSamples, Shapes, causal_keys, forward_flops, layer_matmul_rate,  # noqa: E402
+                   packed_eval_flops, verdict)
 from lm_eval_parity import lm_eval_scores, make_hflm  # noqa: E402
 from train_throughput import busy_process  # noqa: E402
 
@@ -34,6 +35,7 @@ from chaintune.models import load_model  # noqa: E402
 from chaintune.tasks import load_task  # noqa: E402
 
 TARGET_RATIO, TARGET_BOUND = 3.0, 0.85
+EVAL_BATCH_TOKENS = 1024  # score_examples' default max_tokens: padded tokens per forward pass
 
 
 def useful_flops(model, tokenizer, examples) -> tuple[float, float]:
@@ -109,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         achieved = statistics.median(flops / r["seconds"] / r["rate"] for r in runs["chaintune"])
         print(f"chaintune: {verdict(achieved, 1.0, TARGET_BOUND)}; bound ≈ "
               f"{statistics.median(rates.fp32) / (flops / n):.1f} questions/s at the median fp32 rate")
+        shaped = layer_matmul_rate(Shapes.of(model.config).linear, EVAL_BATCH_TOKENS)
+        print(f"a layer's linear products at {EVAL_BATCH_TOKENS} tokens (score_examples' batch): "
+              f"{shaped / 1e9:.0f} GFLOP/s = {shaped / statistics.median(rates.fp32):.2f} of the square product's "
+              f"rate; chaintune's useful FLOP/s = "
+              f"{statistics.median(flops / r['seconds'] for r in runs['chaintune']) / shaped:.2f} of it")
     if len(runs) == 2:
         ratios = [b["seconds"] / a["seconds"] for a, b in zip(runs["chaintune"], runs["lm-eval"])]
         median = statistics.median(ratios)

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chaintune  # noqa: E402,F401  (before torch: chaintune.runtime's process settings)
 import torch  # noqa: E402
-from bound import RateSamples, Shapes, training_flops, verdict  # noqa: E402
+from bound import RateSamples, Shapes, layer_matmul_rate, training_flops, verdict  # noqa: E402
 
 TARGET_RATIO, TARGET_BOUND = 2.0, 0.75
 
@@ -146,6 +146,13 @@ def main(argv: list[str] | None = None) -> None:
         per_token = statistics.median(r["flops"] / r["tokens"] for r in ours)
         print(f"chaintune: {verdict(achieved, 1.0, TARGET_BOUND)}; bound ≈ "
               f"{statistics.median(rates.fp32) / per_token:.0f} tokens/s at the median fp32 rate")
+        # the same products at this run's own shapes: one micro-batch's tokens through one layer's linear modules
+        tokens = round(args.batch_size * statistics.mean(ours[0]["lengths"]))
+        products = ("forward", "input", "weight") if args.method == "full" else ("forward", "input")
+        shaped = layer_matmul_rate(shapes.linear, tokens, products)
+        print(f"a layer's linear products at {tokens} tokens ({', '.join(products)}): {shaped / 1e9:.0f} GFLOP/s "
+              f"= {shaped / statistics.median(rates.fp32):.2f} of the square product's rate; chaintune's useful "
+              f"FLOP/s = {statistics.median(r['flops'] / r['seconds'] for r in ours) / shaped:.2f} of it")
     if ours and runs.get("hf_trainer"):
         ratios = [(a["tokens"] / a["seconds"]) / (b["tokens"] / b["seconds"]) for a, b in zip(ours, runs["hf_trainer"])]
         print(f"ratio chaintune / HF Trainer per pair: {', '.join(f'{x:.2f}×' for x in ratios)}; median "
