@@ -17,7 +17,7 @@ from chaintune.analysis import findings, load_runs, summary_tables
 from chaintune.cli import main
 from chaintune.config import TrainingConfig, validate_config
 from chaintune.errors import ChaintuneError
-from chaintune.curvature import disjoint_subsets, lanczos, measure_curvature, quotient_interval
+from chaintune.curvature import disjoint_subsets, dominant_subset, lanczos, measure_curvature, quotient_interval
 from chaintune.errors import ConfigError
 from chaintune.gate import (chance_baseline, diverged, failure_reasons, majority_baseline, split_validation,
                             train_seed, validation_count)
@@ -104,6 +104,15 @@ def test_curvature_subsets_are_disjoint_and_their_quotients_give_a_t_interval():
     value, low, high = quotient_interval([1.0, 3.0], [1, 3])
     assert (value, low, high) == pytest.approx((2.5, 2.5 - 9.5297, 2.5 + 9.5297), abs=1e-3)
     assert quotient_interval([5.0], [3]) == (5.0, None, None)
+
+
+def test_dominant_subset_is_a_robust_outlier_only():
+    # ARC-Easy seed 2 of the reproduction: one quotient 52.07 among ~0.5: median of the 5 values below 0.71, absolute
+    # deviations 0.35, 0.31, 0, 0.14, 51.36 → their median 0.31; 51.36 > 10 × 0.31 → subset 4
+    assert dominant_subset([0.36, 0.40, 0.71, 0.85, 52.07]) == 4
+    # the reproduction's ARC-Easy seed 0 search side: 6.51 is 8.4 median deviations out, not a dominant subset
+    assert dominant_subset([1.12, 0.78, 1.53, 2.29, 2.11, 1.97, 2.27, 6.51, 0.95, 1.53, 2.59, 3.73]) is None
+    assert dominant_subset([1.0, 50.0]) is None  # too few to tell
 
 
 def test_split_estimate_is_the_mean_of_its_two_sides_with_a_welch_interval():
@@ -374,7 +383,10 @@ def test_stop_policy_runs_no_later_stage_and_stays_stopped(gated):
     assert not [n for n in RunDir(cfg["output_dir"]).node_names() if n.startswith("s2")]
 
 
-def test_curvature_warns_when_subsets_disagree(gated, capsys):
+def test_curvature_warns_when_subsets_disagree(gated, capsys, monkeypatch):
+    import chaintune.curvature
+
+    monkeypatch.setattr(chaintune.curvature, "dominant_subset", lambda quotients: 0)  # name subset 0's examples
     cfg = gated(min_gain=-100)
     cfg["curvature"] = {"after": ["first"], "examples": 4, "subsets": 2, "max_iter": 10, "disagreement": 1.0001}
     lines = []
@@ -385,8 +397,13 @@ def test_curvature_warns_when_subsets_disagree(gated, capsys):
     assert record["unstable"] and len(record["lambda_max_subsets"]) == 2
     assert min(record["lambda_max_subsets"]) <= record["lambda_max"] <= max(record["lambda_max_subsets"])
     assert record["settings"]["estimator"] == "pooled"
+    ids = record["subset_ids"]
+    assert [len(part) for part in ids] == [4, 4] and not set(ids[0]) & set(ids[1])
     warning = "warning: λ_max of"
-    assert any(warning in str(line) for line in lines) or warning in capsys.readouterr().out
+    echoed = [str(line) for line in lines] + capsys.readouterr().out.splitlines()
+    assert any(warning in line for line in echoed)
+    (named,) = [line for line in echoed if "subset 0 (search) reads" in line]
+    assert named.endswith(", ".join(ids[0]))
     # the findings name each unstable stage once (one run here: a stand-in row for the correlation table)
     runs = load_runs(out)
     row = dict(target="F", task="ALL", group="ALL", pearson_r=0.5, pearson_p=0.1, spearman_rho=0.5, spearman_p=0.1,

@@ -25,6 +25,7 @@ from chaintune.tasks import Example
 from chaintune.tasks.splits import stable_seed, subsample
 from chaintune.train import IGNORE, SFTExample, _collate, answer_loss_sum, tokenize_sft
 
+OUTLIER_FACTOR = 10.0  # dominant_subset: deviations from the median quotient, in median absolute deviations
 METHODS = ("lanczos", "power")
 
 
@@ -273,6 +274,7 @@ class Curvature:
     lambda_max_search: float | None = None  # with held-out subsets: the search subsets' pooled Ritz value
     lambda_max_subsets: list[float] = field(default_factory=list)  # each subset's Rayleigh quotient along the Ritz
     # vector (≥ 2 search subsets; search subsets first): its estimate of λ_max to first order
+    subset_ids: list[list[str]] = field(default_factory=list)  # each subset's example ids, search subsets first
     lambda_max_ci_low: float | None = None  # delta-method t-interval from the quotients (`quotient_interval`)
     lambda_max_ci_high: float | None = None
     disagreement: float | None = None  # the interval's far / near end (≥ 1; None without an interval or across 0)
@@ -472,6 +474,17 @@ def quotient_interval(quotients: Sequence[float], tokens: Sequence[float], held_
     return value, value - half, value + half
 
 
+def dominant_subset(quotients: Sequence[float], factor: float = OUTLIER_FACTOR) -> int | None:
+    """The index of the subset whose quotient lies farther from the median than `factor` × the quotients' median
+    absolute deviation (the farthest such one), or None: a subset whose own sharp direction the eigen-solve found."""
+    q = np.asarray(quotients, dtype=float)
+    if q.size < 3:
+        return None
+    deviation = np.abs(q - np.median(q))
+    k = int(deviation.argmax())
+    return k if deviation[k] > factor * np.median(deviation) else None
+
+
 def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_examples: int = 512, subsets: int = 1,
                       held_out: int = 0, seed: int = 0, topk: int = 1, trace: bool = False, trace_samples: int = 50,
                       micro_batch: int = 8, tol: float = 1e-3, max_iter: int = 100, method: str = "lanczos",
@@ -556,5 +569,6 @@ def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_exampl
         trace=trace_mean, trace_std_error=trace_se, n_examples=sum(len(part) for part in parts), n_parameters=size,
         loss=loss, seconds=time.perf_counter() - start, hvp_calls=hvp_calls, method=method, eigenvalue=eigenvalue,
         subsets=len(search), held_out=len(held), lambda_max_search=value if held else None,
-        lambda_max_subsets=quotients, lambda_max_ci_low=low, lambda_max_ci_high=high,
+        lambda_max_subsets=quotients, subset_ids=[[e.id for e in part] for part in parts] if several else [],
+        lambda_max_ci_low=low, lambda_max_ci_high=high,
         disagreement=None if low is None or low * high <= 0 else max(abs(low), abs(high)) / min(abs(low), abs(high)))

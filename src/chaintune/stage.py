@@ -9,6 +9,7 @@ import contextlib
 import functools
 import random
 import shutil
+import statistics
 import time
 from collections import Counter
 from typing import Any, Callable
@@ -336,7 +337,7 @@ class StageExecutor:
         """λ_max (and top-k / trace if asked) of the stage's training loss w.r.t. its trainable parameters: all
         weights for full fine-tuning, the stage's LoRA adapter for LoRA. Under `fsdp` the cached model is sharded
         for it (its parameters become this rank's shards) and dropped from the cache after."""
-        from chaintune.curvature import measure_curvature, sign_note
+        from chaintune.curvature import dominant_subset, measure_curvature, sign_note
 
         cc, node, cache = job.curvature, job.node, self.cache
         if cc is None or curvature_done(self.out, node.dirname, cc):
@@ -354,7 +355,8 @@ class StageExecutor:
         if sharded:
             model = shard_for_curvature(model)
         result = measure_curvature(model, cache.tokenizer, node_examples(self.out, job.settings, node),
-                                   n_examples=cc.examples, subsets=cc.subsets, held_out=cc.held_out, seed=node.seed, topk=cc.topk, trace=cc.trace,
+                                   n_examples=cc.examples, subsets=cc.subsets, held_out=cc.held_out, seed=node.seed,
+                                   topk=cc.topk, trace=cc.trace,
                                    trace_samples=cc.trace_samples, micro_batch=cc.micro_batch, tol=cc.tol,
                                    max_iter=cc.max_iter, method=cc.method, eigenvalue=cc.eigenvalue,
                                    graph_budget=cc.graph_budget, basis_budget=cc.basis_budget,
@@ -379,8 +381,15 @@ class StageExecutor:
         if unstable:
             ratio = ("spans 0" if result.disagreement is None else
                      f"ends differ by a factor {result.disagreement:.2f} (> {cc.disagreement:g})")
-            self.echo(f"  warning: λ_max of {node.dirname} is not stable at {cc.examples} × {result.subsets + result.held_out} examples: "
-                      f"its interval {ratio} — raise curvature.examples, subsets or held_out")
+            self.echo(f"  warning: λ_max of {node.dirname} is not stable at {cc.examples} × "
+                      f"{result.subsets + result.held_out} examples: its interval {ratio} — raise curvature.examples, "
+                      "subsets or held_out")
+            k = dominant_subset(result.lambda_max_subsets)
+            if k is not None:
+                self.echo(f"  subset {k} ({'search' if k < result.subsets else 'held out'}) reads "
+                          f"{result.lambda_max_subsets[k]:.4g} against a median of "
+                          f"{statistics.median(result.lambda_max_subsets):.4g}: one of its examples may curve sharply "
+                          f"on its own — {', '.join(result.subset_ids[k])}")
 
 
 _PROCESS: dict[str, StageExecutor] = {}  # this process's executor: consecutive jobs reuse the loaded model
