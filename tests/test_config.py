@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from chaintune.config import ExperimentConfig, apply_overrides, load_config, validate_config
+from chaintune.config import ExperimentConfig, load_config, validate_config
+from chaintune.overrides import apply_overrides
 from chaintune.errors import ChaintuneError, ConfigError
 
 BASE = {"chains": [{"name": "a", "stages": [{"task": "toxigenqa"}, {"task": "arc_easy", "lr": 1e-4}]}]}

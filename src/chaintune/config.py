@@ -11,8 +11,9 @@ from typing import Annotated, Any, Literal, Sequence, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from chaintune.errors import ConfigError, one_line, validation_problems
+from chaintune.errors import ConfigError, validation_problems
 from chaintune.names import NAME_PATTERN
+from chaintune.overrides import apply_overrides, blame
 
 
 def _accepts_bool(annotation: Any) -> bool:
@@ -187,8 +188,9 @@ class CurvatureConfig(Strict):
     subsets: int = Field(4, ge=1, le=64, description="disjoint example subsets, pooled for λ_max; their Rayleigh "
                                                      "quotients give its interval")
     held_out: int = Field(0, ge=0, le=4096,
-                          description="more disjoint subsets, not in the eigen-solve: their Rayleigh quotients along its "
-                                      "vector narrow λ_max's interval at one HVP per example (0, or ≥ 2 with subsets ≥ 2)")
+                          description="more disjoint subsets, not in the eigen-solve: their Rayleigh quotients along "
+                                      "its vector narrow λ_max's interval at one HVP per example (0, or ≥ 2 with "
+                                      "subsets ≥ 2)")
     disagreement: float = Field(2.0, gt=1, le=1e6,
                                 description="warn when λ_max's interval's far / near end exceed this ratio (or span 0)")
     topk: int = Field(1, ge=1, le=100, description="eigenvalues by Lanczos when > 1")
@@ -210,8 +212,9 @@ class CurvatureConfig(Strict):
         keys = {"examples", "subsets", "topk", "tol", "max_iter", "method", "eigenvalue", "trace"} | (
             {"trace_samples"} if self.trace else set())
         if self.held_out:
-            return self.model_dump(include=keys | {"held_out"}) | {"estimator": SPLIT_ESTIMATOR}
-        return self.model_dump(include=keys) | {"estimator": CURVATURE_ESTIMATOR}
+            keys.add("held_out")
+        estimator = SPLIT_ESTIMATOR if self.held_out else CURVATURE_ESTIMATOR
+        return self.model_dump(include=keys) | {"estimator": estimator}
 
     @model_validator(mode="after")
     def _check(self) -> "CurvatureConfig":
@@ -448,29 +451,6 @@ class ExperimentConfig(Strict):
         return self.tasks.get(task, TaskSettings())
 
 
-def _override_of(loc: str, overrides: Sequence[str]) -> str | None:
-    """The `--set` text whose key path contains the location `loc` (or lies inside it), if any."""
-    path = loc.split(".")
-    for text in overrides:
-        key = text.split("=", 1)[0].split(".")
-        if path[:len(key)] == key or key[:len(path)] == path:
-            return f"--set {text}"
-    return None
-
-
-def _blamed(problems: list[tuple[str, str]], source: str, overrides: Sequence[str]) -> tuple[str, bool]:
-    """Every (location, message) problem with what caused it — the `--set` override on whose key path it lies,
-    else the config file — and whether all of them came from overrides."""
-    parts, all_set = [], True
-    for loc, msg in problems:
-        cause = _override_of(loc, overrides)
-        all_set = all_set and cause is not None
-        if cause is None and overrides and loc == "(top level)":
-            cause = f"{source} with --set {' '.join(overrides)}"
-        parts.append(f"{cause or source}: {msg}" if loc == "(top level)" else f"{cause or source}: {loc}: {msg}")
-    return "; ".join(parts), all_set
-
-
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -488,57 +468,6 @@ def _invalid_text(value: Any, path: str = "", seen: set[int] | None = None) -> s
                  if (found := _invalid_text(child, f"{path}.{key}" if path else str(key), seen))), None)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.0.c=value` → (['a','b','0','c'], parsed YAML value)."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' has no '='", "write --set key.path=value")
-    key, raw = text.split("=", 1)
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", key):
-        raise ConfigError(f"override key '{key}' is not a dotted path", "write --set training.lr=1e-4")
-    try:
-        value = yaml.safe_load(raw) if raw else None
-    except yaml.YAMLError as exc:
-        try:
-            value = json.loads(raw)  # JSON allows characters YAML refuses (e.g. DEL inside quotes)
-        except ValueError:
-            if raw[:1] in "\"'[{":  # meant as a quoted or structured value: plain text would be a silent misreading
-                raise ConfigError(f"--set {key}: the value is not valid YAML ({one_line(str(exc).splitlines()[0])})",
-                                  "quote or escape it as YAML/JSON") from None
-            value = raw
-    return key.split("."), value
-
-
-def set_path(data: dict[str, Any], path: list[str], value: Any, what: str) -> None:
-    """Set `data[path[0]][path[1]]… = value` (list items by index; missing mapping keys are created)."""
-    node: Any = data
-    for i, part in enumerate(path[:-1]):
-        if isinstance(node, list):
-            nxt = node[int(part)] if part.isdigit() and int(part) < len(node) else None
-        else:
-            nxt = node.get(part) if isinstance(node, dict) else None
-        if nxt is None:
-            nxt = {}
-            if isinstance(node, dict):
-                node[part] = nxt
-            else:
-                raise ConfigError(f"{what}: '{'.'.join(path[:i + 1])}' does not exist", "check the key path")
-        node = nxt
-    last = path[-1]
-    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-        node[int(last)] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise ConfigError(f"{what}: cannot set '{last}'", "check the key path")
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        path, value = parse_override(text)
-        set_path(data, path, value, f"override '{text}'")
-    return data
-
-
 def validate_config(data: dict[str, Any], source: str = "config", overrides: Sequence[str] = ()) -> ExperimentConfig:
     """The validated config; a problem is one ConfigError line blaming the `--set` override or the file it came from."""
     invalid = _invalid_text(data)
@@ -549,7 +478,7 @@ def validate_config(data: dict[str, Any], source: str = "config", overrides: Seq
             problems = validation_problems(exc)
     else:
         problems = [(invalid, "text that is not valid Unicode (a lone surrogate)")]
-    problem, from_overrides = _blamed(problems, source, overrides)
+    problem, from_overrides = blame(problems, source, overrides)
     raise ConfigError(problem, "fix that --set value" if from_overrides
                       else "fix the config (see configs/quickstart.yaml)")
 

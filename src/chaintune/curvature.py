@@ -549,8 +549,7 @@ def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_exampl
             loss, size, part_tokens = op.loss(), op.size, list(op.part_tokens)
             hvp_calls = op.calls + (1 if several else 0)  # the quotients cost one more pass
             value, converged, vector = found.value, found.converged, found.vector
-            del op, found, v0  # the kept graphs and vectors go, and the freed memory back to the OS
-            release_freed_memory()
+            del op, found, v0  # the kept graphs go before the held-out subsets' operator is built
             if held:
                 op = build(held)
                 quotients += op.quadratic_forms(vector)
@@ -558,7 +557,7 @@ def measure_curvature(model, tokenizer, examples: Sequence[Example], *, n_exampl
                 hvp_calls += 1
                 del op
             del vector
-            release_freed_memory()
+            release_freed_memory()  # the freed memory back to the OS
     finally:
         model.train(was_training)
         if original_dtype != torch.float32:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from chaintune.config import (CurvatureConfig, DistributedConfig, ExperimentConfig, QualityGateConfig, Stage,
-                              TaskSettings, TrainingConfig, config_hash, read_config, set_path, training_identity, validate_config)
+                              TaskSettings, TrainingConfig, config_hash, read_config, training_identity, validate_config)
+from chaintune.overrides import set_path
 from chaintune.tasks import canonical_task_name
 
 
