@@ -46,6 +46,10 @@ def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 1536, repeats: int 
     return 2 * n ** 3 / best
 
 
+LAYER_PRODUCTS = {"forward": lambda x, w, dy: x @ w.T, "input": lambda x, w, dy: dy @ w,
+                  "weight": lambda x, w, dy: dy.T @ x}  # (input X, weight W, output gradient dY) → product
+
+
 def layer_matmul_rate(linear: dict[str, tuple[int, int]], tokens: int, products: Sequence[str] = ("forward",),
                       repeats: int = 3) -> float:
     """Best-of-`repeats` fp32 FLOP/s of one decoder layer's linear-layer products at `tokens` rows, on the CPU (or
@@ -53,22 +57,20 @@ def layer_matmul_rate(linear: dict[str, tuple[int, int]], tokens: int, products:
     The rate the model's own matrix shapes allow, to set beside `matmul_rate`'s large square product."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
-    work = []
-    for n_in, n_out in linear.values():
-        x, w, dy = (torch.randn(*shape, generator=g).to(device) for shape in ((tokens, n_in), (n_out, n_in),
-                                                                              (tokens, n_out)))
-        work += [(lambda x=x, w=w: x @ w.T) if p == "forward" else (lambda dy=dy, w=w: dy @ w) if p == "input"
-                 else (lambda dy=dy, x=x: dy.T @ x) for p in products]
+    operands = [tuple(torch.randn(*shape, generator=g).to(device) for shape in ((tokens, n_in), (n_out, n_in),
+                                                                             (tokens, n_out)))
+                for n_in, n_out in linear.values()]
+    work = [(LAYER_PRODUCTS[p], xwd) for xwd in operands for p in products]
     flops = 2 * tokens * sum(i * o for i, o in linear.values()) * len(products)
-    for product in work:  # warm-up
-        product()
+    for product, xwd in work:  # warm-up
+        product(*xwd)
     best = float("inf")
     for _ in range(repeats):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        for product in work:
-            product()
+        for product, xwd in work:
+            product(*xwd)
         if device == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
