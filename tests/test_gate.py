@@ -373,6 +373,41 @@ def test_retry_resumes_at_the_attempt_a_kill_interrupted(gated, monkeypatch):
     assert not RunDir(cfg["output_dir"]).attempts_path(node).exists()
 
 
+def test_gain_floor_and_identity_of_a_stage_that_repeats_its_task():
+    from chaintune.config import QualityGateConfig
+
+    gate = QualityGateConfig(on_failed_stage="retry", min_gain=2.0)
+    assert gate.gain_floor(False) == 2.0 and gate.gain_floor(True) is None
+    assert QualityGateConfig(min_gain_repeated=-1.5).gain_floor(True) == -1.5
+    # a first occurrence keeps the node key it had before min_gain_repeated existed; a repeat's key changes
+    assert gate.identity() == {"validation_size": 64, "retry": {"min_gain": 2.0, "divergence_factor": 1.5,
+                                                                "max_attempts": 3}}
+    assert gate.identity(True)["retry"]["min_gain"] is None
+    assert QualityGateConfig(min_gain=5).identity(True) == {"validation_size": 64}  # flag: the weights do not depend
+
+
+def test_a_stage_that_repeats_its_task_is_held_to_min_gain_repeated(gated):
+    from chaintune.plan import build_tree
+
+    cfg = gated(min_gain=100, on_failed_stage="retry", max_attempts=2)
+    cfg["chains"] = [{"name": "aba", "stages": [{"task": "mcq_a"}, {"task": "mcq_b"}, {"task": "mcq_a"}]}]
+    _, nodes, _ = build_tree(validate_config(cfg))
+    assert [n.repeats_task for n in nodes] == [False, False, False, True]
+    quiet(cfg)
+    out = RunDir(cfg["output_dir"])
+    gates = {n[:2]: out.node(n).gate for n in out.node_names() if n.startswith("s")}
+    assert gates["s1"].min_gain == gates["s2"].min_gain == 100 and len(gates["s1"].attempts) == 2
+    assert all("gained" in a.reasons[-1] for a in gates["s1"].attempts + gates["s2"].attempts)
+    assert gates["s3"].min_gain is None  # no gain requirement: only divergence and the majority baseline can fail it
+    assert not any("gained" in r for a in gates["s3"].attempts for r in a.reasons)
+    cfg["quality_gate"]["min_gain_repeated"] = 100
+    cfg["output_dir"] += "-strict"
+    quiet(cfg)
+    out = RunDir(cfg["output_dir"])
+    (s3,) = [out.node(n).gate for n in out.node_names() if n.startswith("s3")]
+    assert s3.min_gain == 100 and len(s3.attempts) == 2 and all("gained" in a.reasons[-1] for a in s3.attempts)
+
+
 def test_stop_policy_runs_no_later_stage_and_stays_stopped(gated):
     cfg = gated(min_gain=100, on_failed_stage="stop")
     for _ in range(2):  # a rerun does not sneak the later stage in

@@ -153,10 +153,16 @@ class Stage(Strict):
 class QualityGateConfig(Strict):
     """The stage quality gate: each stage holds out `validation_size` examples of its own train split (seeded, the
     same for every seed, never trained on) and is **failed** when its loss diverged, when its validation accuracy
-    is below the task's majority-class baseline, or when it gained less than `min_gain` pp on that slice."""
+    is below the task's majority-class baseline, or when it gained less than `min_gain` pp on that slice. A stage
+    whose task an earlier stage of its chain trained (e.g. a replay stage) starts near its ceiling, so its gain is
+    held to `min_gain_repeated` instead (null: no gain requirement; retrying on a chance shortfall would select
+    attempts by noise)."""
 
     validation_size: int = Field(64, ge=0, le=10**6, description="held-out train examples per stage task (0: no gate)")
     min_gain: float = Field(0.0, ge=-100, le=100, description="pp of validation accuracy the stage must gain")
+    min_gain_repeated: float | None = Field(None, ge=-100, le=100,
+                                            description="pp a stage must gain when an earlier stage of its chain "
+                                                        "trained the same task (null: no gain requirement)")
     divergence_factor: float = Field(1.5, gt=1, le=1e6, description="diverged: last-10%-of-steps mean loss > factor × first")
     on_failed_stage: Literal["flag", "retry", "stop"] = "flag"  # retry: a new training seed; stop: no later stages
     max_attempts: int = Field(3, ge=1, le=20, description="retry: training attempts per stage, the first included")
@@ -165,13 +171,19 @@ class QualityGateConfig(Strict):
     def enabled(self) -> bool:
         return self.validation_size > 0
 
-    def identity(self) -> dict[str, Any] | None:
+    def gain_floor(self, repeats_task: bool) -> float | None:
+        """The gain (pp) a stage must reach: `min_gain`, or `min_gain_repeated` when its task was trained before
+        in its chain (None: no requirement)."""
+        return self.min_gain_repeated if repeats_task else self.min_gain
+
+    def identity(self, repeats_task: bool = False) -> dict[str, Any] | None:
         """What of the gate determines a stage's weights (None when the gate is off: old node keys)."""
         if not self.enabled:
             return None
         ident: dict[str, Any] = {"validation_size": self.validation_size}
         if self.on_failed_stage == "retry":
-            ident["retry"] = self.model_dump(include={"min_gain", "divergence_factor", "max_attempts"})
+            ident["retry"] = self.model_dump(include={"divergence_factor", "max_attempts"}) | {
+                "min_gain": self.gain_floor(repeats_task)}
         return ident
 
 

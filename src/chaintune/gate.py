@@ -1,6 +1,7 @@
 """The stage quality gate: a held-out validation slice of each stage's train split, the task's baselines on it, and
 the verdict. A stage **failed** when its training loss diverged, when its validation accuracy is below the
-majority-class baseline, or when it gained less than `min_gain` pp on the slice (accuracy after − before the stage).
+majority-class baseline, or when it gained less than `min_gain` pp on the slice (accuracy after − before the stage;
+`min_gain_repeated` when an earlier stage of its chain trained the same task).
 
 A finding measured after a stage that did not learn its own task is no finding: analysis excludes runs with a failed
 stage from its summaries and says which and why (chaintune.analysis), `chaintune plan` lists them.
@@ -86,14 +87,14 @@ def diverged(losses: Sequence[float], factor: float) -> bool:
 
 
 def failure_reasons(*, is_diverged: bool, val_acc: float, val_acc_before: float, majority: float,
-                    min_gain: float) -> list[str]:
-    """Why a stage failed its gate (empty: it passed). Accuracies in pp."""
+                    min_gain: float | None) -> list[str]:
+    """Why a stage failed its gate (empty: it passed). Accuracies in pp; `min_gain` None: no gain requirement."""
     reasons = []
     if is_diverged:
         reasons.append("training loss diverged")
     if val_acc < majority:
         reasons.append(f"validation accuracy {val_acc:.1f} % below the majority baseline {majority:.1f} %")
     gain = val_acc - val_acc_before
-    if gain < min_gain:
+    if min_gain is not None and gain < min_gain:
         reasons.append(f"gained {gain:+.1f} pp on its validation slice (< {min_gain:g} pp)")
     return reasons

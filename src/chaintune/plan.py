@@ -32,6 +32,7 @@ class Node:
     training: TrainingConfig | None
     seed: int | None
     parent: "Node | None"
+    repeats_task: bool = False  # an earlier stage of its chain trained the same task (the gate's min_gain_repeated)
 
     @property
     def dirname(self) -> str:
@@ -112,19 +113,20 @@ def build_tree(cfg: ExperimentConfig, variant: str = "") -> tuple[list[Run], lis
             parent, path = base, [base]
             for i, stage in enumerate(chain.stages, start=1):
                 training = stage.training(cfg.training)
+                repeats = task_id(cfg, stage.task) in {task_id(cfg, s.task) for s in chain.stages[:i - 1]}
                 ident = {"parent": parent.key, "task": task_id(cfg, stage.task),
                          "replay": stage.replay.model_dump() if stage.replay else None,
                          "train_limit": cfg.task_settings(stage.task).train_limit,
                          "training": training_identity(training), "seed": seed, "split_seed": cfg.split_seed,
                          "data_seed": cfg.data_seed}
-                if cfg.quality_gate.identity() is not None:  # the held-out slice changes the training examples
-                    ident["quality_gate"] = cfg.quality_gate.identity()
+                if cfg.quality_gate.identity(repeats) is not None:  # the held-out slice changes the training examples
+                    ident["quality_gate"] = cfg.quality_gate.identity(repeats)
                 custom = [t for t in cfg.custom_tasks if t.get("name") in (stage.task, stage.replay and stage.replay.task)]
                 if custom:  # a user dataset is identified by its spec (path, columns), not only its name
                     ident["custom_tasks"] = custom
                 key = config_hash(ident)
                 if key not in nodes:
-                    nodes[key] = Node(key, i, stage, training, seed, parent)
+                    nodes[key] = Node(key, i, stage, training, seed, parent, repeats)
                     eval_tasks[key] = []
                 parent = nodes[key]
                 path.append(parent)

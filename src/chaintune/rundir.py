@@ -80,7 +80,7 @@ class GateRecord(BaseModel):
     majority_baseline: float
     majority_rule: str  # e.g. "position 0" or "answer 'no'"
     chance_baseline: float
-    min_gain: float
+    min_gain: float | None  # the gain (pp) this stage had to reach (None: none, its task was trained before)
     policy: str  # flag | retry | stop
     attempts: list[GateAttempt]
 

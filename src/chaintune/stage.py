@@ -238,7 +238,7 @@ class StageExecutor:
                 attempt=len(attempts), train_seed=seed, val_acc=val_acc, val_acc_before=before,
                 loss_first=first, loss_last=last, diverged=is_diverged, reasons=failure_reasons(
                     is_diverged=is_diverged, val_acc=val_acc, val_acc_before=before, majority=majority,
-                    min_gain=gate.min_gain)))
+                    min_gain=gate.gain_floor(node.repeats_task))))
             verdict = "passed" if not attempts[-1].failed else "FAILED: " + "; ".join(attempts[-1].reasons)
             self.echo(f"  gate {node.dirname} (attempt {len(attempts)}): validation {before:.1f} → {val_acc:.1f} % "
                       f"(majority {majority:.1f} %) {verdict}")
@@ -251,7 +251,7 @@ class StageExecutor:
         gate_record = None
         if validation:
             gate_record = GateRecord(n_validation=len(validation), majority_baseline=majority, majority_rule=rule,
-                                     chance_baseline=chance_baseline(validation), min_gain=gate.min_gain,
+                                     chance_baseline=chance_baseline(validation), min_gain=gate.gain_floor(node.repeats_task),
                                      policy=gate.on_failed_stage, attempts=attempts)
         self._save(job, examples, result, gate_record)
 
