@@ -20,6 +20,7 @@ import yaml
 import chaintune
 from chaintune.cli import main
 from chaintune.errors import ChaintuneError, TrainingError
+from chaintune.rundir import RunDir
 from chaintune.train import DivergedError
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
@@ -201,6 +202,58 @@ def test_released_checkpoints_never_break_a_run_or_its_rerun(tmp_path, mcq_exper
     assert not list((tmp_path / "out" / "stages").glob("*/checkpoint"))
     monkeypatch.setattr(stage_mod, "train_stage", lambda *a, **k: pytest.fail("a finished stage was retrained"))
     run()
+
+
+def test_a_new_chain_below_released_checkpoints_retrains_the_whole_prefix(tmp_path, mcq_experiment, monkeypatch):
+    """keep_checkpoints: false, then a chain added below the finished two-stage prefix: both prefix stages are
+    retrained (deterministically: the first chain's results do not change, its records are kept throughout), then
+    the new stage."""
+    import chaintune.stage as stage_mod
+
+    a, b = {"task": "mcq_a"}, {"task": "mcq_b"}
+    lora = {"lr": 1e-3, "batch_size": 4, "method": "lora", "lora": {"r": 2, "alpha": 4}}
+    cfg = mcq_experiment(tmp_path / "out", keep_checkpoints=False, chains=[{"name": "x", "stages": [a, b]}],
+                         training=lora)
+    before = quiet(cfg).results
+    assert not list((tmp_path / "out" / "stages").glob("*/checkpoint"))
+    trained = []
+    real_train = stage_mod.train_stage
+
+    def s2_dies(*args, **kwargs):
+        trained.append(kwargs["desc"])
+        if kwargs["desc"].startswith("s2"):
+            raise ChaintuneError("killed (simulated)", "rerun")
+        return real_train(*args, **kwargs)
+
+    cfg["chains"].append({"name": "y", "stages": [a, b, a]})
+    monkeypatch.setattr(stage_mod, "train_stage", s2_dies)
+    outcome = chaintune.run(cfg, echo=lambda *_: None, progress=False)
+    assert outcome.incomplete_runs == ["y-seed0"]  # a failed retraining keeps the records of x's stage 2
+    assert RunDir(cfg["output_dir"]).run_ids() == ["x-seed0"]
+    monkeypatch.setattr(stage_mod, "train_stage", lambda *a, **k: trained.append(k["desc"]) or real_train(*a, **k))
+    outcome = quiet(cfg)
+    assert not outcome.failed and sorted(outcome.completed_runs) == ["x-seed0", "y-seed0"]
+    assert [d.split("-")[0] for d in trained] == ["s1", "s2", "s2", "s3"]  # s1's retrained checkpoint was kept
+    after = outcome.results[outcome.results.run_id == "x-seed0"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(after[before.columns], before)
+
+
+def test_a_retrained_stage_whose_weights_differ_is_evaluated_again(tmp_path, one_stage_then_reference,
+                                                                     mcq_experiment, capsys):
+    """The lost checkpoint's recorded digest differs from what retraining gives (as nondeterministic kernels
+    would): its evaluations are measured again on the new weights, and a run through it is complete only after."""
+    one_stage, reference = one_stage_then_reference
+    out = Path(shutil.copytree(one_stage, tmp_path / "out"))
+    (node,) = (out / "stages").glob("s1-*/node.json")
+    record = json.loads(node.read_text())
+    record["checkpoint_sha256"] = {k: "0" * 64 for k in record["checkpoint_sha256"]}
+    node.write_text(json.dumps(record))
+    capsys.readouterr()
+    quiet(mcq_experiment(out, chains=TWO_CHAINS))
+    shown = capsys.readouterr().out
+    assert "the retrained weights differ from the lost ones: evaluating it again" in shown
+    assert re.search(r"eval s1-\S+ +mcq_a", shown)  # evaluated again
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), pd.read_parquet(reference / "results.parquet"))
 
 
 # ---------------------------------------------------------------------------------------------- output dir

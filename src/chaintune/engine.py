@@ -98,9 +98,11 @@ def prepare_output(points: list[Point]) -> RunDir:
 
 
 def pending_jobs(plan: Plan, out: RunDir) -> set[JobId]:
-    """Jobs not done yet, plus trained nodes whose checkpoint fails its checksum while a child still needs it."""
+    """Jobs not done yet, plus trained nodes whose checkpoint fails its checksum (or was released) while a child
+    still needs it — and so on up the lineage: children come after their parents in `plan.jobs`, so one pass in
+    reverse adds a parent whose child was added for the same reason."""
     pending = {k for k, j in plan.jobs.items() if not job_done(out, j)}
-    for key, job in plan.jobs.items():
+    for key, job in reversed(plan.jobs.items()):
         if key in pending or job.node.stage is None or key.point is not None:
             continue
         if any(JobId(c) in pending for c in plan.children.get(job.node.key, ())) and not checkpoint_ok(out, job.node):
@@ -249,6 +251,7 @@ def _write_outcome(plan: Plan, out: RunDir, failed: dict[str, dict[str, Any]], j
     for i, run_ in plan.runs:
         if not all(job_done(out, plan.jobs[k]) for k in plan.run_jobs(i, run_)):
             incomplete.append(run_.run_id)
+            out.withdraw_run(run_.run_id)  # e.g. a stage of it is being retrained: its stored results no longer stand
             continue
         cfg = plan.points[i].cfg
         record = RunRecord(run_id=run_.run_id, id=run_identity(cfg, run_), chain=run_.display_chain,

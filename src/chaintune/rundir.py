@@ -359,6 +359,13 @@ class RunDir(Folder):
         """Every run with a run.json, sorted."""
         return sorted(p.parent.name for p in (self.root / "runs").glob("*/run.json"))
 
+    def withdraw_run(self, run_id: str) -> None:
+        """Mark a run not complete (its run.json goes; the tables beside it are rewritten when it completes again):
+        a stage of it is being retrained, so its stored results no longer stand."""
+        path = self.run_dir(run_id) / "run.json"
+        if path.is_file():
+            self.path_for_write(path).unlink()
+
     def has_results(self) -> bool:
         """True once a job has stored a result here: a trained stage (node.json) or an evaluation."""
         stages = self.root / "stages"

@@ -153,6 +153,11 @@ def node_examples(out: RunDir, settings: Settings, node: Node) -> list[Example]:
     return stage_examples(settings, node.stage, node.seed, replay_group_forgetting(out, node) if targeted else None)
 
 
+def weight_digests(checkpoint_sha256: dict[str, str] | None) -> dict[str, str]:
+    """The SHA-256 of a checkpoint's weight files (*.safetensors) only: configs and model cards may differ."""
+    return {name: d for name, d in (checkpoint_sha256 or {}).items() if name.endswith(".safetensors")}
+
+
 def predictions_frame(result: EvalResult) -> pd.DataFrame:
     df = pd.DataFrame(result.predictions)
     df["logliks"] = df["logliks"].map(list)
@@ -210,13 +215,12 @@ class StageExecutor:
         node, out, cache = job.node, self.out, self.cache
         assert node.stage is not None and node.training is not None and node.seed is not None
         folder = out.stage_dir(node.dirname)
+        replaced = None  # the weights' digests of a done stage whose checkpoint is retrained
         if out.node_done(node.dirname):
             if checkpoint_ok(out, node):
                 return
             self.echo(f"  checkpoint of {node.dirname} is missing or corrupt: retraining it")
-            if self.writes:
-                out.path_for_write(out.node_path(node.dirname)).unlink()
-                shutil.rmtree(out.path_for_write(folder / "eval"), ignore_errors=True)
+            replaced = weight_digests(out.node(node.dirname).checkpoint_sha256)
         gate = job.settings.quality_gate
         examples = node_examples(out, job.settings, node)
         trainable, validation = train_pool(job.settings, node.stage.task)
@@ -253,7 +257,7 @@ class StageExecutor:
             gate_record = GateRecord(n_validation=len(validation), majority_baseline=majority, majority_rule=rule,
                                      chance_baseline=chance_baseline(validation), min_gain=gate.gain_floor(node.repeats_task),
                                      policy=gate.on_failed_stage, attempts=attempts)
-        self._save(job, examples, result, gate_record)
+        self._save(job, examples, result, gate_record, replaced)
 
     def _finished_attempts(self, node: Node) -> list[GateAttempt]:
         """Gate attempts that failed before a kill (attempts.json), so a rerun goes on with the next one."""
@@ -293,12 +297,14 @@ class StageExecutor:
             cache.model = gather_weights(cache.model, self.ranks)
         return result, error
 
-    def _save(self, job: Job, examples: list[Example], result: StageTrainResult, gate: GateRecord | None) -> None:
+    def _save(self, job: Job, examples: list[Example], result: StageTrainResult, gate: GateRecord | None,
+              replaced: dict[str, str] | None = None) -> None:
         """Write the trained node: curve, checkpoint (atomic rename), then node.json — the record that marks it done.
-        In a multi-rank job rank 0 writes and the others wait for it."""
+        In a multi-rank job rank 0 writes and the others wait for it. `replaced`: the weight digests of the
+        checkpoint a retraining replaces (see `_write_node`)."""
         node, cache = job.node, self.cache
         if self.writes:
-            self._write_node(job, examples, result, gate)
+            self._write_node(job, examples, result, gate, replaced)
         if node.training.method == "lora":
             cache.model = cache.model.merge_and_unload()
         if self.ranks is not None:
@@ -306,7 +312,11 @@ class StageExecutor:
         cache.model.eval()
         cache.loaded = node.key
 
-    def _write_node(self, job: Job, examples: list[Example], result: StageTrainResult, gate: GateRecord | None) -> None:
+    def _write_node(self, job: Job, examples: list[Example], result: StageTrainResult, gate: GateRecord | None,
+                    replaced: dict[str, str] | None) -> None:
+        """Curve, checkpoint, node.json. A retrained stage (`replaced`: the lost checkpoint's weight digests) keeps
+        its evaluations and λ_max when its new weights are bit-identical (seeded CPU training is); otherwise they
+        are deleted before node.json is replaced, so that they are measured again on the new weights."""
         node, out, cache = job.node, self.out, self.cache
         folder = out.stage_dir(node.dirname)
         out.write_table(out.train_curve_path(node.dirname), pd.DataFrame(result.curve, columns=list(
@@ -320,6 +330,11 @@ class StageExecutor:
         if node.training.method != "lora":
             cache.tokenizer.save_pretrained(tmp)
         tmp.rename(ckpt)
+        digests = {p.name: file_sha256(p) for p in sorted(ckpt.iterdir()) if p.is_file()}
+        if replaced is not None and weight_digests(digests) != replaced:
+            self.echo(f"  {node.dirname}: the retrained weights differ from the lost ones: evaluating it again")
+            shutil.rmtree(out.path_for_write(folder / "eval"), ignore_errors=True)
+            out.path_for_write(out.curvature_path(node.dirname)).unlink(missing_ok=True)
         n_own = len(own_examples(job.settings, node.stage))
         replayed = (dict(sorted(Counter(str(e.group) for e in examples[n_own:]).items()))
                     if node.stage.replay is not None else None)
@@ -328,7 +343,7 @@ class StageExecutor:
             training=node.training.model_dump(), seed=node.seed, parent=node.parent.dirname if node.parent else None,
             n_train_examples=len(examples), replayed_per_group=replayed, steps=result.steps, tokens=result.tokens,
             train_seconds=result.seconds, tokens_per_second=result.tokens / max(result.seconds, 1e-9),
-            checkpoint_sha256={p.name: file_sha256(p) for p in sorted(ckpt.iterdir()) if p.is_file()},
+            checkpoint_sha256=digests,
             gate=gate, best_step=result.best_step, compile_seconds=result.compile_seconds))
         shutil.rmtree(out.path_for_write(folder / "work"), ignore_errors=True)
         out.path_for_write(out.attempts_path(node.dirname)).unlink(missing_ok=True)
