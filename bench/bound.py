@@ -15,6 +15,7 @@ count zero: they are what a perfect implementation would hide behind the matrix 
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,11 @@ def layer_matmul_rate(linear: dict[str, tuple[int, int]], tokens: int, products:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return flops / best
+
+
+def omp_settings() -> str:
+    """The OpenMP waiting settings of this process (chaintune.runtime sets GOMP_SPINCOUNT unless the user chose)."""
+    return f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}"
 
 
 def bf16_supported() -> bool:

@@ -172,11 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from bound import matmul_rate
+    from bound import matmul_rate, omp_settings
 
     rate = matmul_rate()
     print(f"profile — SmolLM2-135M fp32, CPU, {torch.get_num_threads()} threads, load average "
-          f"{os.getloadavg()[0]:.2f} at start, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+          f"{os.getloadavg()[0]:.2f} at start, {omp_settings()}")
     for part in args.only:
         if part.startswith("train"):
             profile_train(part.split("-")[1], args, rate)

@@ -26,7 +26,7 @@ import chaintune  # noqa: E402,F401  (before torch: chaintune.runtime's process 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bound import (RateSamples, Shapes, causal_keys, forward_flops, layer_matmul_rate,  # noqa: E402
-                   packed_eval_flops, verdict)
+                   omp_settings, packed_eval_flops, verdict)
 from lm_eval_parity import lm_eval_scores, make_hflm  # noqa: E402
 from train_throughput import busy_process  # noqa: E402
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.task}/test: {n} questions, {n_choices} choices; model {args.model} "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {next(model.parameters()).dtype})")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+          f"{torch.get_num_threads()} threads, {omp_settings()}")
     print(f"conditions: load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
           f"{'a CPU-bound process beside it' if args.contend else 'no process added'}")
     print(f"load (not timed below): model {model_load_s:.1f}s  data {data_load_s:.1f}s  HFLM wrapper {hflm_init_s:.1f}s")

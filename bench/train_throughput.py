@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chaintune  # noqa: E402,F401  (before torch: chaintune.runtime's process settings)
 import torch  # noqa: E402
-from bound import RateSamples, Shapes, layer_matmul_rate, training_flops, verdict  # noqa: E402
+from bound import RateSamples, Shapes, layer_matmul_rate, omp_settings, training_flops, verdict  # noqa: E402
 
 TARGET_RATIO, TARGET_BOUND = 2.0, 0.75
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.method} fine-tuning, SmolLM2-135M fp32, {device}{', compiled' if args.compile else ''}")
     print(f"conditions: load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
           f"{'a CPU-bound process beside it' if args.contend else 'no process added'}; "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+          f"{omp_settings()}")
     print(rates.line())
     print(f"{'tool':<12} {'run':>3} {'tokens/s':>9} {'seconds':>8} {'useful GFLOP/s':>15} {'of bound':>9}")
     for tool, tool_runs in runs.items():

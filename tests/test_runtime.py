@@ -72,15 +72,20 @@ def test_trainer_falls_back_to_the_multi_tensor_adamw(monkeypatch, built_adamw):
     assert built_adamw[0].get("foreach") is True and "fused" not in built_adamw[0]
 
 
-def test_passive_omp_wait_only_claims_this_process_before_torch(monkeypatch):
+def test_short_omp_spin_only_claims_this_process_before_torch_and_yields_to_the_user(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert runtime.passive_omp_wait() is False  # torch is imported here: only spawned workers get it
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert runtime.short_omp_spin() is False  # torch is imported here: only spawned workers get it
+    assert os.environ["GOMP_SPINCOUNT"] == str(runtime.OMP_SPIN_COUNT) == "1000"
     monkeypatch.delitem(sys.modules, "torch")
-    monkeypatch.delenv("OMP_WAIT_POLICY")
-    assert runtime.passive_omp_wait() is True
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    assert runtime.short_omp_spin() is True and os.environ["GOMP_SPINCOUNT"] == "1000"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice wins
-    assert runtime.passive_omp_wait() is False and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert runtime.short_omp_spin() is False and "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "50")
+    assert runtime.short_omp_spin() is False and os.environ["GOMP_SPINCOUNT"] == "50"
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")

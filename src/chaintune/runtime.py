@@ -1,4 +1,4 @@
-"""How chaintune uses the machine: OpenMP waiting and freed memory on a (shared) CPU; attention kernel, autocast and
+"""How chaintune uses the machine: OpenMP spinning and freed memory on a (shared) CPU; attention kernel, autocast and
 optimizer implementation per device. Why each setting, and what it bought, measured: docs/performance.md.
 
 Imported by chaintune/__init__.py before anything imports torch (see `prepare_process`), so torch is imported only
@@ -18,18 +18,27 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
 FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps")  # torch.optim.AdamW(fused=True) kernels (torch >= 2.4)
 
 
-def passive_omp_wait() -> bool:
-    """Make idle OpenMP threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`) unless the user chose a policy.
+OMP_SPIN_COUNT = 1000  # GOMP_SPINCOUNT chaintune sets: busy-wait iterations of an idle OpenMP thread before it sleeps
 
-    libgomp reads the variable once, when torch is imported: chaintune sets it on import, which covers this process
-    if torch was not imported before chaintune, and the worker processes it spawns in any case. Returns whether this
-    process runs with passive waiting. With other processes on the cores, spinning threads burn the time slices the
-    computing threads need: a LoRA forward + backward of 16 SmolLM2 examples took 2.4–4× longer on 2 spinning
-    threads than on 2 passive ones (docs/performance.md). It does not change results.
+
+def short_omp_spin() -> bool:
+    """Let idle OpenMP threads busy-wait `OMP_SPIN_COUNT` iterations before they sleep (`GOMP_SPINCOUNT`, libgomp,
+    which PyTorch's Linux wheels use), unless the user set `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT`.
+
+    libgomp's default (300,000 iterations) wins on an idle machine and loses badly beside another process, whose time
+    slices the spinning threads burn; sleeping at once (`OMP_WAIT_POLICY=PASSIVE`) does the reverse. A LoRA step of
+    SmolLM2-135M on 2 threads (bench/train_throughput.py, tokens/s idle / beside one CPU-bound process): default
+    361–375 / 34–59, PASSIVE 242–258 / 178, 1,000 spins 283–293 / 175–176, 3,000 330–340 / 150–156, 10,000
+    344–371 / 113 (docs/performance.md). 1,000 is as fast as PASSIVE when the cores are shared and faster when they
+    are not. libgomp reads the variable once, when torch is imported: this covers this process if torch was not
+    imported before chaintune, and the worker processes it spawns in any case. Returns whether this process runs with
+    it. It does not change results.
     """
-    late = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return not late and os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE"
+    chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+    if chosen:
+        return False
+    os.environ["GOMP_SPINCOUNT"] = str(OMP_SPIN_COUNT)
+    return "torch" not in sys.modules
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,8 +74,8 @@ def release_freed_memory() -> bool:
 
 
 def prepare_process() -> None:
-    """The process-wide CPU settings, applied when chaintune is imported: `passive_omp_wait`, `keep_freed_memory`."""
-    passive_omp_wait()
+    """The process-wide CPU settings, applied when chaintune is imported: `short_omp_spin`, `keep_freed_memory`."""
+    short_omp_spin()
     keep_freed_memory()
 
 
