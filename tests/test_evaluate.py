@@ -112,3 +112,38 @@ def test_evaluate_is_deterministic_and_order_independent(tiny):
     by_id = {p["id"]: p["logliks"] for p in b.predictions}
     for p in a.predictions:
         assert p["logliks"] == pytest.approx(by_id[p["id"]], abs=1e-5)
+
+
+class CountingDecoder(torch.nn.Module):
+    """Stands in for torch.compile's wrapper of the decoder: runs the eager decoder, counts its calls."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder, self.calls = decoder, 0
+
+    def forward(self, **kwargs):
+        self.calls += 1
+        return self.decoder(**kwargs)
+
+
+def test_compile_scores_every_batch_through_the_compiled_decoder(tiny, monkeypatch):
+    import chaintune.evaluate as ev
+
+    model, tokenizer = tiny
+    made = []
+    monkeypatch.setattr(ev, "compile_decoder", lambda m: made.append(CountingDecoder(ev.decoder_and_head(m)[0]))
+                        or made[-1])
+    eager = score_examples(model, tokenizer, EXAMPLES, max_tokens=64)
+    compiled = evaluate(model, tokenizer, EXAMPLES, "t", max_tokens=64, compile=True)
+    assert len(made) == 1 and made[0].calls == len(list(ev._batches(pack_rows(
+        [pack_question(i, tokenizer, e, 2048) for i, e in enumerate(EXAMPLES)]), 64, 64)))
+    assert [p["logliks"] for p in compiled.predictions] == eager
+
+
+@pytest.mark.slow
+def test_torch_compiled_scores_equal_eager_to_rounding(tiny):
+    model, tokenizer = tiny
+    eager = score_examples(model, tokenizer, EXAMPLES + SHARED, max_tokens=64)
+    compiled = score_examples(model, tokenizer, EXAMPLES + SHARED, max_tokens=64, compile=True)
+    for e, c in zip(eager, compiled):
+        assert c == pytest.approx(e, abs=1e-4)

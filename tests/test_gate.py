@@ -408,6 +408,22 @@ def test_a_stage_that_repeats_its_task_is_held_to_min_gain_repeated(gated):
     assert s3.min_gain == 100 and len(s3.attempts) == 2 and all("gained" in a.reasons[-1] for a in s3.attempts)
 
 
+def test_compile_reaches_training_and_every_evaluation_of_a_run(gated, monkeypatch):
+    import chaintune.evaluate as ev
+    import chaintune.train as tr
+
+    compiled, calls = [], []
+    monkeypatch.setattr(ev, "compile_decoder", lambda m: compiled.append("eval") or ev.decoder_and_head(m)[0])
+    monkeypatch.setattr(tr, "compile_decoder", lambda m: compiled.append("train") or ev.decoder_and_head(m)[0])
+    real = stage_mod.evaluate
+    monkeypatch.setattr(stage_mod, "evaluate", lambda *a, **k: calls.append(k["compile"]) or real(*a, **k))
+    cfg = gated(min_gain=-100)
+    cfg.update(compile=True, chains=[{"name": "a", "stages": [{"task": "mcq_a"}]}])
+    quiet(cfg)
+    assert len(calls) >= 3 and all(calls)  # base and stage evaluations, the gate's slice before and after
+    assert compiled.count("train") == 1 and compiled.count("eval") == len(calls)
+
+
 def test_stop_policy_runs_no_later_stage_and_stays_stopped(gated):
     cfg = gated(min_gain=100, on_failed_stage="stop")
     for _ in range(2):  # a rerun does not sneak the later stage in

@@ -345,7 +345,8 @@ class ExperimentConfig(Strict):
     keep_checkpoints: bool = True
     curvature: CurvatureConfig | None = None
     eval_max_tokens: int = Field(1024, ge=64, le=2**24, description="tokens per evaluation forward pass")
-    compile: bool = Field(False, description="train through torch.compile (minutes of compilation per stage)")
+    compile: bool = Field(False, description="train and evaluate through torch.compile (minutes of compilation "
+                                             "per training stage and once per process for evaluation)")
     min_group_size: int = Field(30, ge=1, le=10**9)
     quality_gate: QualityGateConfig = QualityGateConfig()
     sweep: SweepConfig | None = None

@@ -198,7 +198,8 @@ class StageExecutor:
             t0 = time.perf_counter()
             task = spec["task"]
             result = evaluate(model, self.cache.tokenizer, self.eval_set(job.settings, spec), task,
-                              progress=self.progress, max_tokens=job.settings.eval_max_tokens, ranks=self.ranks)
+                              progress=self.progress, max_tokens=job.settings.eval_max_tokens, ranks=self.ranks,
+                              compile=job.settings.compile)
             if not self.writes:
                 continue
             self.out.write_table(self.out.predictions_path(node.dirname, task), predictions_frame(result))
@@ -267,7 +268,7 @@ class StageExecutor:
     def _validation_accuracy(self, model, job: Job, validation: list[Example]) -> float:
         task = canonical_task_name(job.node.stage.task)
         return evaluate(model, self.cache.tokenizer, validation, task, max_tokens=job.settings.eval_max_tokens,
-                        ranks=self.ranks).acc
+                        ranks=self.ranks, compile=job.settings.compile).acc
 
     def _train_attempt(self, job: Job, examples: list[Example], seed: int, validation: list[Example], work
                        ) -> tuple[StageTrainResult, DivergedError | None]:

@@ -14,7 +14,7 @@ import torch
 from chaintune.config import TrainingConfig
 from chaintune.distributed import Ranks, full_tensor, reshard, shard_like, wrap_for_training
 from chaintune.errors import TrainingError
-from chaintune.evaluate import decoder_and_head, encode_pair, warn_truncated
+from chaintune.evaluate import compile_decoder, decoder_and_head, encode_pair, warn_truncated
 from chaintune.io import read_json, write_json, write_safetensors
 from chaintune.runtime import device_plan, use_attention
 from chaintune.tasks import Example
@@ -94,15 +94,6 @@ def answer_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.
     """Summed cross-entropy (nats) over answer tokens and their count (`answer_logits`)."""
     logits, target = answer_logits(model, ids, labels, mask, decoder)
     return torch.nn.functional.cross_entropy(logits, target, reduction="sum"), int(target.numel())
-
-
-def compile_decoder(model):
-    """torch.compile of the model's decoder stack with dynamic shapes: one compilation serves every batch shape.
-    Inductor fuses the norms, rotary embedding, activations and residual adds between the matrix products (15% off
-    a LoRA step of SmolLM2-135M on one CPU thread, after about 4 minutes of compilation there; docs/performance.md).
-    Results then agree with the eager path to float rounding (about 1e-7 relative in the loss), not bit for bit."""
-    decoder, _ = decoder_and_head(model)
-    return torch.compile(decoder, dynamic=True)
 
 
 def _accumulate_gradients(forward, batches, n_answer: int, autocast: torch.dtype | None, scale: float = 1.0) -> float:
