@@ -223,6 +223,7 @@ class StageExecutor:
             self.echo(f"  checkpoint of {node.dirname} is missing or corrupt: retraining it")
             replaced = weight_digests(out.node(node.dirname).checkpoint_sha256)
         gate = job.settings.quality_gate
+        min_gain = gate.gain_floor(node.repeats_task)
         examples = node_examples(out, job.settings, node)
         trainable, validation = train_pool(job.settings, node.stage.task)
         attempts = self._finished_attempts(node)
@@ -243,7 +244,7 @@ class StageExecutor:
                 attempt=len(attempts), train_seed=seed, val_acc=val_acc, val_acc_before=before,
                 loss_first=first, loss_last=last, diverged=is_diverged, reasons=failure_reasons(
                     is_diverged=is_diverged, val_acc=val_acc, val_acc_before=before, majority=majority,
-                    min_gain=gate.gain_floor(node.repeats_task))))
+                    min_gain=min_gain)))
             verdict = "passed" if not attempts[-1].failed else "FAILED: " + "; ".join(attempts[-1].reasons)
             self.echo(f"  gate {node.dirname} (attempt {len(attempts)}): validation {before:.1f} → {val_acc:.1f} % "
                       f"(majority {majority:.1f} %) {verdict}")
@@ -256,7 +257,7 @@ class StageExecutor:
         gate_record = None
         if validation:
             gate_record = GateRecord(n_validation=len(validation), majority_baseline=majority, majority_rule=rule,
-                                     chance_baseline=chance_baseline(validation), min_gain=gate.gain_floor(node.repeats_task),
+                                     chance_baseline=chance_baseline(validation), min_gain=min_gain,
                                      policy=gate.on_failed_stage, attempts=attempts)
         self._save(job, examples, result, gate_record, replaced)
 
