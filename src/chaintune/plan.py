@@ -111,16 +111,18 @@ def build_tree(cfg: ExperimentConfig, variant: str = "") -> tuple[list[Run], lis
             if chain.seeds is not None and seed not in chain.seeds:
                 continue
             parent, path = base, [base]
+            trained = [task_id(cfg, s.task) for s in chain.stages]  # each stage's task, in order
             for i, stage in enumerate(chain.stages, start=1):
                 training = stage.training(cfg.training)
-                repeats = task_id(cfg, stage.task) in {task_id(cfg, s.task) for s in chain.stages[:i - 1]}
-                ident = {"parent": parent.key, "task": task_id(cfg, stage.task),
+                repeats = trained[i - 1] in trained[:i - 1]
+                gate = cfg.quality_gate.identity(repeats)
+                ident = {"parent": parent.key, "task": trained[i - 1],
                          "replay": stage.replay.model_dump() if stage.replay else None,
                          "train_limit": cfg.task_settings(stage.task).train_limit,
                          "training": training_identity(training), "seed": seed, "split_seed": cfg.split_seed,
                          "data_seed": cfg.data_seed}
-                if cfg.quality_gate.identity(repeats) is not None:  # the held-out slice changes the training examples
-                    ident["quality_gate"] = cfg.quality_gate.identity(repeats)
+                if gate is not None:  # the held-out slice changes the training examples
+                    ident["quality_gate"] = gate
                 custom = [t for t in cfg.custom_tasks if t.get("name") in (stage.task, stage.replay and stage.replay.task)]
                 if custom:  # a user dataset is identified by its spec (path, columns), not only its name
                     ident["custom_tasks"] = custom

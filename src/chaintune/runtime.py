@@ -34,8 +34,7 @@ def short_omp_spin() -> bool:
     imported before chaintune, and the worker processes it spawns in any case. Returns whether this process runs with
     it. It does not change results.
     """
-    chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
-    if chosen:
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:  # the user's choice
         return False
     os.environ["GOMP_SPINCOUNT"] = str(OMP_SPIN_COUNT)
     return "torch" not in sys.modules
